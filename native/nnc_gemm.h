@@ -1,0 +1,362 @@
+// nnc_gemm.h - single-precision GEMM for generated code.
+//
+//   nnc::sgemm(transA, transB, M, N, K, A, lda, B, ldb, C, ldc, beta, epi)
+//     row-major; C[M, N] = epilogue(alpha * op(A)[M, K] @ op(B)[K, N] + beta * C)
+//     (see nnc::Epilogue in nnc_gemm_kernels.h for the exact formula).
+//   nnc::sgemm_batched(batch, transA, transB, M, N, K, A, lda, strideA, B, ldb, strideB,
+//                      C, ldc, strideC, beta, epi)   (strides in floats; 0 broadcasts an operand)
+//
+// Paths, chosen per call (gemm::serial):
+//   - packed: GotoBLAS loop nest (jc: NC, pc: KC, ic: MC, jr: NR, ir: MR) over packed panels and a
+//     register-blocked micro-kernel: AVX2/FMA 6x16, or AVX-512 12x32 when the CPU has it
+//     (nnc_gemm_avx512.h); the epilogue runs in the store of the last K block.
+//   - rows: up to kSkinnyRows rows with B not transposed (batch-1 / small-batch inference):
+//     B streamed row by row into L1-resident accumulator strips.
+//   - dot: up to 4 rows with B transposed (x @ W^T): dot products along K.
+//   - direct: tiny problems (packing would not pay off): unpacked 6x16 kernel.
+// Threads: the output is split into a tm x tn grid of blocks cut at multiples of the kernel's
+// tile, one per thread (or, for large problems, kBlocksPerThread per thread handed out
+// dynamically), each running the serial algorithm with its own packing buffers (thread_scratch).
+// Inside an enclosing parallel region the call is serial.
+#pragma once
+
+#include <algorithm>
+
+#include "nnc_gemm_avx512.h"
+#include "nnc_gemm_kernels.h"
+#include "nnc_threads.h"
+
+namespace nnc {
+
+// Cache blocking (floats). Defaults measured on the 2-core AMD EPYC (Zen 5) target, L1d 48 KiB,
+// L2 1 MiB (A block MC x KC), L3 32 MiB (B panel KC x NC). KC = 512 beat 256 by 5-8% with the
+// AVX-512 kernel at 512..2048^3 (half the C-tile passes) and ties with the AVX2 kernel; MC from
+// 96 to 240 and NC from 1024 to 4080 were within noise.
+struct GemmBlocking {
+    int mc = 144;
+    int kc = 512;
+    int nc = 4080;
+};
+
+inline GemmBlocking& gemm_blocking() {
+    static GemmBlocking blocking;
+    return blocking;
+}
+
+namespace gemm {
+
+// Below this many multiply-adds a problem runs on one thread.
+constexpr long kMinParallelWork = 72L * 72 * 72;
+// From this many multiply-adds on, the output is cut into kBlocksPerThread blocks per thread.
+constexpr long kDynamicWork = 640L * 640 * 640;
+constexpr int kBlocksPerThread = 2;
+// Below this many multiply-adds packing does not pay off (measured: the packed path wins from
+// about 16^3 up, with either micro-kernel).
+constexpr long kDirectWork = 16L * 16 * 16;
+// Up to this many rows (B not transposed) C is computed by streaming B (rows_times_b).
+constexpr int kSkinnyRows = 8;
+
+inline Epilogue shift_epilogue(const Epilogue& ep, int i0, int j0) {
+    Epilogue s = ep;
+    if (s.col_bias) s.col_bias += j0;
+    if (s.row_bias) s.row_bias += i0;
+    if (s.residual) s.residual += static_cast<long>(i0) * s.ldr + j0;
+    return s;
+}
+
+// The two packed micro-kernels behind one signature.
+inline void kernel_avx2(int kc, const float* Ap, const float* Bp, float* C, int ldc, int m_valid, int n_valid,
+                        const StoreMode& mode, const Epilogue& ep, int i0, int j0) {
+    kernel_6x16_packed(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0);
+}
+
+// Block size <= limit (a multiple of grain) that splits n into equal-as-possible blocks.
+inline int balanced_block(int n, int limit, int grain) {
+    if (n <= limit) return limit;
+    const int blocks = (n + limit - 1) / limit;
+    const int even = (n + blocks - 1) / blocks;
+    return std::min(limit, (even + grain - 1) / grain * grain);
+}
+
+// Serial GotoBLAS loop nest on an M x N block (pointers already at the block origin) with an
+// MRt x NRt micro-kernel.
+template <int MRt, int NRt, typename Kernel>
+inline void packed_with(Kernel kernel, bool transA, bool transB, int M, int N, int K, const float* A, int lda,
+                        const float* B, int ldb, float* C, int ldc, float beta, const Epilogue& ep) {
+    const GemmBlocking& blk = gemm_blocking();
+    // Balanced blocks: K = 784 with KC = 256 runs as 4 x 196, not 3 x 256 + 16.
+    const int MC = balanced_block(M, std::max(MRt, blk.mc / MRt * MRt), MRt);
+    const int KC = balanced_block(K, std::max(8, blk.kc), 8);
+    const int NC = balanced_block(N, std::max(NRt, blk.nc / NRt * NRt), NRt);
+    const int nc_max = std::min(NC, (N + NRt - 1) / NRt * NRt);
+    const int mc_max = std::min(MC, (M + MRt - 1) / MRt * MRt);
+    const int kc_max = std::min(KC, K);
+    float* Bp = thread_scratch(SCRATCH_PACK_B, static_cast<size_t>(nc_max) * kc_max + 64);
+    float* Ap = thread_scratch(SCRATCH_PACK_A, static_cast<size_t>(mc_max) * kc_max + 64);
+    for (int jc = 0; jc < N; jc += NC) {
+        const int nc = std::min(NC, N - jc);
+        for (int pc = 0; pc < K; pc += KC) {
+            const int kc = std::min(KC, K - pc);
+            const float* Bsrc = transB ? B + static_cast<long>(jc) * ldb + pc : B + static_cast<long>(pc) * ldb + jc;
+            pack_b<NRt>(transB, kc, nc, Bsrc, ldb, Bp);
+            StoreMode mode;
+            mode.alpha = ep.alpha;
+            mode.beta = pc == 0 ? beta : 1.0f;
+            mode.load_c = pc > 0 || beta != 0.0f;
+            mode.finalize = pc + kc >= K;
+            for (int ic = 0; ic < M; ic += MC) {
+                const int mc = std::min(MC, M - ic);
+                const float* Asrc =
+                    transA ? A + static_cast<long>(pc) * lda + ic : A + static_cast<long>(ic) * lda + pc;
+                pack_a<MRt>(transA, mc, kc, Asrc, lda, Ap);
+                for (int jr = 0; jr < nc; jr += NRt) {
+                    const int nv = std::min(NRt, nc - jr);
+                    const float* bsl = Bp + static_cast<long>(jr) * kc;
+                    for (int ir = 0; ir < mc; ir += MRt) {
+                        const int mv = std::min(MRt, mc - ir);
+                        const int i = ic + ir;
+                        const int j = jc + jr;
+                        kernel(kc, Ap + static_cast<long>(ir) * kc, bsl, C + static_cast<long>(i) * ldc + j, ldc, mv,
+                               nv, mode, ep, i, j);
+                    }
+                }
+            }
+        }
+    }
+}
+
+inline void packed(bool transA, bool transB, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
+                   float* C, int ldc, float beta, const Epilogue& ep) {
+    if (gemm_use_avx512()) {
+        packed_with<MR512, NR512>(kernel_12x32_avx512, transA, transB, M, N, K, A, lda, B, ldb, C, ldc, beta, ep);
+    } else {
+        packed_with<MR, NR>(kernel_avx2, transA, transB, M, N, K, A, lda, B, ldb, C, ldc, beta, ep);
+    }
+}
+
+// R rows of C (row r at c + r * ldc, columns [0, n)) = R rows of op(A) (element (r, k) at
+// a[r * a_rs + k * a_cs]) @ B (K x n, rows at stride ldb). Streams B 4 rows at a time through an
+// L1-resident accumulator strip per row, so each loaded B vector feeds R FMAs and the hardware
+// prefetchers see sequential streams; the epilogue runs on the finished strips.
+template <int R>
+inline void rows_times_b(int K, const float* a, long a_rs, long a_cs, const float* B, int ldb, float* c, int ldc,
+                         int n, const StoreMode& mode, const Epilogue& ep, int i) {
+    constexpr int kStrip = 1024;
+    float* acc = thread_scratch(SCRATCH_GEMV, static_cast<size_t>(R) * kStrip + 16);
+    for (int j0 = 0; j0 < n; j0 += kStrip) {
+        const int width = std::min(kStrip, n - j0);
+        const int full = width & ~7;
+        const __m256i tail = tail_mask(width - full);
+        for (int r = 0; r < R; ++r) {
+            for (int j = 0; j < width; j += 8) _mm256_store_ps(acc + r * kStrip + j, _mm256_setzero_ps());
+        }
+        int k = 0;
+        for (; k + 4 <= K; k += 4) {
+            __m256 av[R][4];
+            for (int r = 0; r < R; ++r) {
+                for (int q = 0; q < 4; ++q) av[r][q] = _mm256_set1_ps(a[r * a_rs + (k + q) * a_cs]);
+            }
+            const float* b0 = B + static_cast<long>(k) * ldb + j0;
+            const float* b1 = b0 + ldb;
+            const float* b2 = b1 + ldb;
+            const float* b3 = b2 + ldb;
+            for (int j = 0; j < width; j += 8) {
+                const bool whole = j < full;
+                const __m256 v0 = whole ? _mm256_loadu_ps(b0 + j) : _mm256_maskload_ps(b0 + j, tail);
+                const __m256 v1 = whole ? _mm256_loadu_ps(b1 + j) : _mm256_maskload_ps(b1 + j, tail);
+                const __m256 v2 = whole ? _mm256_loadu_ps(b2 + j) : _mm256_maskload_ps(b2 + j, tail);
+                const __m256 v3 = whole ? _mm256_loadu_ps(b3 + j) : _mm256_maskload_ps(b3 + j, tail);
+#pragma GCC unroll 4
+                for (int r = 0; r < R; ++r) {
+                    float* s = acc + r * kStrip + j;
+                    __m256 x = _mm256_fmadd_ps(av[r][0], v0, _mm256_load_ps(s));
+                    x = _mm256_fmadd_ps(av[r][1], v1, x);
+                    x = _mm256_fmadd_ps(av[r][2], v2, x);
+                    x = _mm256_fmadd_ps(av[r][3], v3, x);
+                    _mm256_store_ps(s, x);
+                }
+            }
+        }
+        for (; k < K; ++k) {
+            const float* b0 = B + static_cast<long>(k) * ldb + j0;
+            for (int j = 0; j < width; j += 8) {
+                const __m256 v0 = j < full ? _mm256_loadu_ps(b0 + j) : _mm256_maskload_ps(b0 + j, tail);
+                for (int r = 0; r < R; ++r) {
+                    float* s = acc + r * kStrip + j;
+                    _mm256_store_ps(s, _mm256_fmadd_ps(_mm256_set1_ps(a[r * a_rs + k * a_cs]), v0, _mm256_load_ps(s)));
+                }
+            }
+        }
+        for (int r = 0; r < R; ++r) {
+            for (int j = 0; j < width; j += 16) {
+                const __m256 v[2] = {_mm256_load_ps(acc + r * kStrip + j), _mm256_load_ps(acc + r * kStrip + j + 8)};
+                store_row<2>(v, c + static_cast<long>(r) * ldc + j0 + j, i + r, j0 + j, std::min(16, width - j), mode,
+                             ep);
+            }
+        }
+    }
+}
+
+// Serial direct GEMM (B not transposed, no packing).
+inline void direct(bool transA, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
+                   int ldc, float beta, const Epilogue& ep) {
+    StoreMode mode{ep.alpha, beta, beta != 0.0f, true};
+    const long a_rs = transA ? 1 : lda;
+    const long a_cs = transA ? lda : 1;
+    int i = 0;
+    if (M <= kSkinnyRows) {
+        for (; i < M; i += 4) {
+            const float* a = A + i * a_rs;
+            float* c = C + static_cast<long>(i) * ldc;
+            switch (std::min(4, M - i)) {
+                case 4: rows_times_b<4>(K, a, a_rs, a_cs, B, ldb, c, ldc, N, mode, ep, i); break;
+                case 3: rows_times_b<3>(K, a, a_rs, a_cs, B, ldb, c, ldc, N, mode, ep, i); break;
+                case 2: rows_times_b<2>(K, a, a_rs, a_cs, B, ldb, c, ldc, N, mode, ep, i); break;
+                default: rows_times_b<1>(K, a, a_rs, a_cs, B, ldb, c, ldc, N, mode, ep, i); break;
+            }
+        }
+        return;
+    }
+    for (; i < M; i += MR) {
+        const int rows = std::min(MR, M - i);
+        const float* a = A + i * a_rs;
+        float* c = C + static_cast<long>(i) * ldc;
+        for (int j = 0; j < N; j += 16) {
+            const int nv = std::min(16, N - j);
+            switch (rows) {
+                case 6: kernel_direct<6, 2>(K, a, a_rs, a_cs, B + j, ldb, c + j, ldc, nv, mode, ep, i, j); break;
+                case 5: kernel_direct<5, 2>(K, a, a_rs, a_cs, B + j, ldb, c + j, ldc, nv, mode, ep, i, j); break;
+                case 4: kernel_direct<4, 2>(K, a, a_rs, a_cs, B + j, ldb, c + j, ldc, nv, mode, ep, i, j); break;
+                case 3: kernel_direct<3, 2>(K, a, a_rs, a_cs, B + j, ldb, c + j, ldc, nv, mode, ep, i, j); break;
+                case 2: kernel_direct<2, 2>(K, a, a_rs, a_cs, B + j, ldb, c + j, ldc, nv, mode, ep, i, j); break;
+                default: kernel_direct<1, 2>(K, a, a_rs, a_cs, B + j, ldb, c + j, ldc, nv, mode, ep, i, j); break;
+            }
+        }
+    }
+}
+
+// Serial dot-product GEMM (A not transposed, B transposed).
+inline void dot(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc, float beta,
+                const Epilogue& ep) {
+    StoreMode mode{ep.alpha, beta, beta != 0.0f, true};
+    for (int i = 0; i < M; ++i) {
+        row_times_bt(K, A + static_cast<long>(i) * lda, B, ldb, C + static_cast<long>(i) * ldc, N, mode, ep, i);
+    }
+}
+
+// Serial GEMM on one block: picks the path.
+inline void serial(bool transA, bool transB, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
+                   float* C, int ldc, float beta, const Epilogue& ep) {
+    if (M <= 0 || N <= 0) return;
+    const long work = static_cast<long>(M) * N * std::max(K, 1);
+    if (K == 0) {
+        direct(false, M, N, 0, A, lda, B, ldb, C, ldc, beta, ep);
+    } else if (transB && !transA && M <= 4) {
+        dot(M, N, K, A, lda, B, ldb, C, ldc, beta, ep);
+    } else if (!transB && (M <= kSkinnyRows || work <= kDirectWork)) {
+        direct(transA, M, N, K, A, lda, B, ldb, C, ldc, beta, ep);
+    } else {
+        packed(transA, transB, M, N, K, A, lda, B, ldb, C, ldc, beta, ep);
+    }
+}
+
+// Grid of tm x tn thread blocks for an M x N output (tm * tn <= threads), balancing the largest
+// block's area and its operand panels.
+inline void thread_grid(int M, int N, int threads, int mr, int nr, int* tm, int* tn) {
+    double best = 1e300;
+    *tm = 1;
+    *tn = 1;
+    for (int a = 1; a <= threads; ++a) {
+        const int b = threads / a;
+        if (a * b != threads) continue;
+        const long rows = ((static_cast<long>(M) + mr - 1) / mr + a - 1) / a * mr;
+        const long cols = ((static_cast<long>(N) + nr - 1) / nr + b - 1) / b * nr;
+        if ((M + mr - 1) / mr < a || (N + nr - 1) / nr < b) continue;
+        const double cost = static_cast<double>(std::min<long>(rows, M)) * std::min<long>(cols, N) * 4.0 +
+                            (std::min<long>(rows, M) + std::min<long>(cols, N)) * 64.0;
+        if (cost < best) {
+            best = cost;
+            *tm = a;
+            *tn = b;
+        }
+    }
+}
+
+inline void run_block(bool transA, bool transB, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
+                      float* C, int ldc, float beta, const Epilogue& ep, int tm, int tn, int mr, int nr, int tid) {
+    const int bi = tid / tn;
+    const int bj = tid % tn;
+    long i0, i1, j0, j1;
+    split_range(M, tm, bi, mr, &i0, &i1);
+    split_range(N, tn, bj, nr, &j0, &j1);
+    if (i0 >= i1 || j0 >= j1) return;
+    const float* Ab = transA ? A + i0 : A + i0 * lda;
+    const float* Bb = transB ? B + j0 * ldb : B + j0;
+    const Epilogue eb = shift_epilogue(ep, static_cast<int>(i0), static_cast<int>(j0));
+    serial(transA, transB, static_cast<int>(i1 - i0), static_cast<int>(j1 - j0), K, Ab, lda, Bb, ldb,
+           C + i0 * ldc + j0, ldc, beta, eb);
+}
+
+}  // namespace gemm
+
+// C = epilogue(alpha * op(A) @ op(B) + beta * C), row-major; see the file comment.
+inline void sgemm(bool transA, bool transB, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
+                  float* C, int ldc, float beta, const Epilogue& epi = Epilogue()) {
+    if (M <= 0 || N <= 0) return;
+    const long work = static_cast<long>(M) * N * std::max(K, 1);
+    int threads = usable_threads();
+    threads = static_cast<int>(std::min<long>(threads, std::max<long>(1, work / gemm::kMinParallelWork)));
+    if (threads <= 1) {
+        gemm::serial(transA, transB, M, N, K, A, lda, B, ldb, C, ldc, beta, epi);
+        return;
+    }
+    // Blocks are cut at multiples of the packed micro-kernel's tile. Large problems get
+    // kBlocksPerThread blocks per thread, handed out dynamically, so a thread slowed down by
+    // another process on its core does not hold the others up (the extra packing costs ~1%).
+    const int mr = gemm_use_avx512() ? gemm::MR512 : gemm::MR;
+    const int nr = gemm_use_avx512() ? gemm::NR512 : gemm::NR;
+    int tm = 1, tn = 1;
+    if (work >= gemm::kDynamicWork) gemm::thread_grid(M, N, threads * gemm::kBlocksPerThread, mr, nr, &tm, &tn);
+    if (tm * tn <= threads) {
+        gemm::thread_grid(M, N, threads, mr, nr, &tm, &tn);
+#pragma omp parallel num_threads(tm * tn)
+        gemm::run_block(transA, transB, M, N, K, A, lda, B, ldb, C, ldc, beta, epi, tm, tn, mr, nr, thread_id());
+        return;
+    }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int block = 0; block < tm * tn; ++block) {
+        gemm::run_block(transA, transB, M, N, K, A, lda, B, ldb, C, ldc, beta, epi, tm, tn, mr, nr, block);
+    }
+}
+
+// A batch of independent GEMMs with operands at fixed strides (floats; a zero stride shares the
+// operand across the batch). epi.residual advances by epi.residual_batch_stride per item; biases
+// are shared. Parallel over batch items when there are enough of them, else inside each GEMM.
+inline void sgemm_batched(int batch, bool transA, bool transB, int M, int N, int K, const float* A, int lda,
+                          long long strideA, const float* B, int ldb, long long strideB, float* C, int ldc,
+                          long long strideC, float beta, const Epilogue& epi = Epilogue()) {
+    if (batch <= 0 || M <= 0 || N <= 0) return;
+    const int threads = usable_threads();
+    const long work = static_cast<long>(M) * N * std::max(K, 1);
+    auto item = [&](int b) {
+        Epilogue eb = epi;
+        if (eb.residual) eb.residual += b * epi.residual_batch_stride;
+        return eb;
+    };
+    const bool over_batch = threads > 1 && (batch >= 4 * threads || (batch >= threads && batch % threads == 0) ||
+                                            work < gemm::kMinParallelWork * 8);
+    if (!over_batch) {
+        for (int b = 0; b < batch; ++b) {
+            sgemm(transA, transB, M, N, K, A + b * strideA, lda, B + b * strideB, ldb, C + b * strideC, ldc, beta,
+                  item(b));
+        }
+        return;
+    }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int b = 0; b < batch; ++b) {
+        gemm::serial(transA, transB, M, N, K, A + b * strideA, lda, B + b * strideB, ldb, C + b * strideC, ldc, beta,
+                     item(b));
+    }
+}
+
+}  // namespace nnc

@@ -1,0 +1,5 @@
+import sys
+
+from nncompile.cli import main
+
+sys.exit(main())

@@ -1,0 +1,111 @@
+"""``nncompile MODEL.nn -o build/``: compile a model to a native module in a build directory."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nncompile.cli.common import Progress, print_json
+from nncompile.errors import InputError, UnsupportedError
+
+
+def parse_sets(items: list[str]) -> dict[str, int]:
+    found = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise InputError(f"--set expects NAME=VALUE, got '{item}'")
+        try:
+            found[name.strip()] = int(value)
+        except ValueError:
+            raise InputError(f"--set {name}: '{value}' is not an integer") from None
+    return found
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="the .nn file to compile")
+    parser.add_argument("-o", "--out", default="build", help="build directory (default: build/)")
+    parser.add_argument("--train", action="store_true", help="compile the training step (forward + backward + update)")
+    parser.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="code generation target")
+    parser.add_argument("--memory-budget", default=None, help="bytes, or a fraction of the unconstrained arena")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="bind a named dimension")
+    parser.add_argument("--threads", type=int, default=None, help="threads the module uses at run time")
+    parser.add_argument("--time-limit", type=float, default=5.0, help="seconds for each solver (default 5)")
+    parser.add_argument("--march", default="x86-64-v3", help="g++ -march value ('native' on request)")
+    parser.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
+                        help="print the IR after a pass (prune, fuse, plan_memory, all)")
+    parser.add_argument("--benchmark", type=int, default=0, metavar="N",
+                        help="after compiling, run N times on random inputs and report the median latency")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON on the last line")
+
+
+def random_inputs(model, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for t in model.input_types:
+        if t.dtype.startswith("i"):
+            arrays.append(rng.integers(0, 2, t.shape).astype(np.dtype("int64" if t.dtype == "i64" else "int32")))
+        else:
+            arrays.append(rng.standard_normal(t.shape).astype(np.float32))
+    return arrays
+
+
+def run(args) -> int:
+    from nncompile.codegen.build import BuildOptions
+    from nncompile.driver import CompileOptions, compile_graph
+    from nncompile.frontend.dsl import parse
+    from nncompile.passes.pipeline import PipelineOptions
+    from nncompile.passes.plan_memory import MemoryOptions
+
+    path = Path(args.model)
+    if not path.exists():
+        raise InputError(f"{args.model}: no such file")
+    if args.train:
+        raise UnsupportedError("--train: compiling the training step is not available in this version")
+    if args.memory_budget is not None:
+        raise UnsupportedError("--memory-budget needs recomputation planning for training, not available in this version")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    progress = Progress(f"nncompile {path.name}")
+    start = time.perf_counter()
+    progress.update("parsing")
+    graph = parse(path, set=parse_sets(args.set))
+    options = CompileOptions(
+        target=args.target, build=BuildOptions(march=args.march), threads=args.threads,
+        pipeline=PipelineOptions(memory=MemoryOptions(time_limit=args.time_limit),
+                                 print_ir_after=tuple(args.print_ir_after)))
+    model = compile_graph(graph, options, out_dir=args.out, progress=progress.update)
+    progress.done("compiled")
+    seconds = time.perf_counter() - start
+    figures = model.manifest["figures"]
+    memory = figures.get("plan_memory", {})
+    summary = {
+        "model": graph.name, "out_dir": str(args.out), "target": args.target,
+        "inputs": {n: str(t) for n, t in zip(model.input_names, model.input_types)},
+        "outputs": {n: str(t) for n, t in zip(model.output_names, model.output_types)},
+        "params": graph.num_params(), "param_bytes": model.manifest["param_bytes"],
+        "arena_bytes": model.manifest["arena_bytes"], "arena_lower_bound": memory.get("lower_bound"),
+        "fused_groups": figures.get("fuse", {}).get("groups"), "cache_hit": model.manifest["timings"]["cache_hit"],
+        "seconds": round(seconds, 3),
+    }
+    print(f"compiled {graph.name} -> {args.out}/ in {seconds:.2f} s"
+          f"{' (cache hit)' if summary['cache_hit'] else ''}")
+    print(f"  inputs:  {', '.join(f'{k}: {v}' for k, v in summary['inputs'].items())}")
+    print(f"  outputs: {', '.join(f'{k}: {v}' for k, v in summary['outputs'].items())}")
+    print(f"  params:  {summary['params']:,} ({summary['param_bytes']:,} bytes)")
+    print(f"  arena:   {summary['arena_bytes']:,} bytes (lower bound {summary['arena_lower_bound']:,}); "
+          f"{summary['fused_groups']} fused groups")
+    if args.benchmark:
+        inputs = random_inputs(model)
+        model(*inputs)
+        times = []
+        for _ in range(args.benchmark):
+            t0 = time.perf_counter()
+            model(*inputs)
+            times.append(time.perf_counter() - t0)
+        summary["median_latency_ms"] = round(float(np.median(times)) * 1e3, 4)
+        print(f"  latency: {summary['median_latency_ms']} ms median over {args.benchmark} runs")
+    if args.json:
+        print_json(summary)
+    return 0

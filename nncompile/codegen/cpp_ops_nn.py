@@ -1,0 +1,501 @@
+"""``emit_cpp`` rules for the network ops: conv and pools, norms, softmax, reductions, losses,
+embedding and attention. GEMM-shaped work goes through ``nnc::sgemm``; the rest are OpenMP loops.
+
+Rules that need scratch declare its size in ``WORKSPACE`` (op -> fn(types, node) -> bytes); the memory
+planner places it in the arena for the duration of the node. Rules that can meet bad data (an index out
+of range) set ``status_`` to the node's error code; the binding turns it into a ValueError.
+"""
+from __future__ import annotations
+
+import math
+
+from nncompile.codegen.cpp import CppContext, ctype
+from nncompile.codegen.cpp_loops import PARALLEL_MIN, contiguous_strides
+from nncompile.codegen.cpp_ops import epilogue_decl, f
+from nncompile.errors import BuildError
+from nncompile.ir.graph import Node
+from nncompile.ops.base import normalize_axis, set_rule
+from nncompile.ops.fused import steps
+
+
+def _omp(work: int) -> str:
+    return "#pragma omp parallel for schedule(static)" if work >= PARALLEL_MIN else ""
+
+
+def _f32(ctx: CppContext, node: Node, names) -> None:
+    for name in names:
+        if ctx.type(name).dtype != "f32":
+            raise BuildError(f"{node.op}: the C++ backend supports f32 here, got {ctx.type(name)}", node.loc)
+
+
+# conv / pools ---------------------------------------------------------------------------------------
+
+
+def _conv_geometry(x_shape, w_shape, attrs, out_shape):
+    n, c, h, w = x_shape
+    o, cg, kh, kw = w_shape
+    groups = attrs["groups"]
+    return dict(n=n, c=c, h=h, w=w, o=o, cg=cg, kh=kh, kw=kw, groups=groups, og=o // groups,
+                oh=out_shape[2], ow=out_shape[3], sh=attrs["stride"][0], sw=attrs["stride"][1],
+                ph=attrs["padding"][0], pw=attrs["padding"][1], dh=attrs["dilation"][0], dw=attrs["dilation"][1])
+
+
+def _is_pointwise(g) -> bool:
+    return g["kh"] == g["kw"] == 1 and g["sh"] == g["sw"] == 1 and g["ph"] == g["pw"] == 0
+
+
+def conv_workspace(ctx_types, node_attrs, x_shape, w_shape, out_shape) -> int:
+    g = _conv_geometry(x_shape, w_shape, node_attrs, out_shape)
+    if _is_pointwise(g):
+        return 0
+    return 4 * g["cg"] * g["kh"] * g["kw"] * g["oh"] * g["ow"]
+
+
+def conv2d_call(ctx: CppContext, args: list[str], attrs: dict, out_ptr: str, epi: str) -> list[str]:
+    _f32(ctx, ctx.node, args)
+    x, w = ctx.type(args[0]), ctx.type(args[1])
+    out_shape = (x.shape[0], w.shape[0]) + tuple(ctx.out_type.shape[2:])
+    g = _conv_geometry(x.shape, w.shape, attrs, out_shape)
+    ohw, kdim = g["oh"] * g["ow"], g["cg"] * g["kh"] * g["kw"]
+    xp, wp = ctx.ptr(args[0]), ctx.ptr(args[1])
+    bias = ctx.ptr(args[2]) if len(args) == 3 else None
+    lines = [f"const nnc::Epilogue base_{epi} = {epi};",
+             f"for (int64_t n_ = 0; n_ < {g['n']}; ++n_) {{",
+             f"  for (int64_t g_ = 0; g_ < {g['groups']}; ++g_) {{",
+             f"    const float* in_ = {xp} + (n_ * {g['c']} + g_ * {g['cg']}) * {g['h'] * g['w']};"]
+    if _is_pointwise(g):
+        lines.append("    const float* col_ = in_;")
+    else:
+        lines += [
+            f"    float* col_ = (float*){ctx.work()};",
+            f"    {_omp(kdim * ohw)}",
+            f"    for (int64_t r_ = 0; r_ < {kdim}; ++r_) {{",
+            f"      const int64_t ci_ = r_ / {g['kh'] * g['kw']}, ki_ = (r_ / {g['kw']}) % {g['kh']}, kj_ = r_ % {g['kw']};",
+            f"      const float* plane_ = in_ + ci_ * {g['h'] * g['w']};",
+            f"      float* dst_ = col_ + r_ * {ohw};",
+            f"      for (int64_t oy_ = 0; oy_ < {g['oh']}; ++oy_) {{",
+            f"        const int64_t iy_ = oy_ * {g['sh']} - {g['ph']} + ki_ * {g['dh']};",
+            f"        float* drow_ = dst_ + oy_ * {g['ow']};",
+            f"        if (iy_ < 0 || iy_ >= {g['h']}) {{ for (int64_t ox_ = 0; ox_ < {g['ow']}; ++ox_) drow_[ox_] = 0.0f; continue; }}",
+            f"        const float* srow_ = plane_ + iy_ * {g['w']};",
+            f"        for (int64_t ox_ = 0; ox_ < {g['ow']}; ++ox_) {{",
+            f"          const int64_t ix_ = ox_ * {g['sw']} - {g['pw']} + kj_ * {g['dw']};",
+            f"          drow_[ox_] = (ix_ >= 0 && ix_ < {g['w']}) ? srow_[ix_] : 0.0f;",
+            "        }",
+            "      }",
+            "    }"]
+    lines += [f"    nnc::Epilogue e_ = base_{epi};",
+              f"    const int64_t out_off_ = (n_ * {g['o']} + g_ * {g['og']}) * {ohw};"]
+    if bias is not None:
+        lines.append(f"    e_.row_bias = {bias} + g_ * {g['og']};")
+    lines += ["    if (e_.residual) { e_.residual = base_" + epi + f".residual + out_off_; e_.ldr = {ohw}; }}",
+              f"    nnc::sgemm(false, false, {g['og']}, {ohw}, {kdim}, {wp} + g_ * {g['og'] * kdim}, {kdim}, col_, {ohw}, "
+              f"{out_ptr} + out_off_, {ohw}, 0.0f, e_);",
+              "  }", "}"]
+    return lines
+
+
+def emit_conv2d(ctx: CppContext, node: Node) -> str:
+    return "\n".join(epilogue_decl({}) + conv2d_call(ctx, list(node.inputs), dict(node.attrs), ctx.out, "epi_"))
+
+
+def _pool_geometry(node: Node, x_shape):
+    a = node.attrs
+    kh, kw = a["kernel"]
+    sh, sw = a["stride"] if a["stride"] is not None else a["kernel"]
+    ph, pw = a["padding"]
+    dh, dw = a.get("dilation", (1, 1))
+    return kh, kw, sh, sw, ph, pw, dh, dw
+
+
+def emit_pool(ctx: CppContext, node: Node) -> str:
+    _f32(ctx, node, node.inputs)
+    x = ctx.type(node.inputs[0])
+    n, c, h, w = x.shape
+    oh, ow = node.type.shape[2:]
+    kh, kw, sh, sw, ph, pw, dh, dw = _pool_geometry(node, x.shape)
+    is_max = node.op == "max_pool2d"
+    include_pad = node.attrs.get("count_include_pad", True)
+    init = "-INFINITY" if is_max else "0.0f"
+    combine = "acc_ = v_ > acc_ || v_ != v_ ? v_ : acc_;" if is_max else "acc_ += v_;"
+    if is_max:
+        finish = "acc_"
+    elif include_pad:
+        # torch counts padded positions inside the padded input, not beyond it (ceil_mode windows)
+        finish = (f"acc_ / (float)((std::min<int64_t>(y0_ + {kh}, {h + ph}) - y0_) * "
+                  f"(std::min<int64_t>(x0_ + {kw}, {w + pw}) - x0_))")
+    else:
+        finish = "acc_ / (float)(cnt_ > 0 ? cnt_ : 1)"
+    return "\n".join([
+        _omp(n * c * oh * ow),
+        f"for (int64_t p_ = 0; p_ < {n * c}; ++p_) {{",
+        f"  const float* in_ = {ctx.ptr(node.inputs[0])} + p_ * {h * w};",
+        f"  float* out_ = {ctx.out} + p_ * {oh * ow};",
+        f"  for (int64_t oy_ = 0; oy_ < {oh}; ++oy_) for (int64_t ox_ = 0; ox_ < {ow}; ++ox_) {{",
+        f"    const int64_t y0_ = oy_ * {sh} - {ph}, x0_ = ox_ * {sw} - {pw};",
+        f"    float acc_ = {init}; int64_t cnt_ = 0; (void)cnt_;",
+        f"    for (int64_t ki_ = 0; ki_ < {kh}; ++ki_) {{",
+        f"      const int64_t iy_ = y0_ + ki_ * {dh}; if (iy_ < 0 || iy_ >= {h}) continue;",
+        f"      for (int64_t kj_ = 0; kj_ < {kw}; ++kj_) {{",
+        f"        const int64_t ix_ = x0_ + kj_ * {dw}; if (ix_ < 0 || ix_ >= {w}) continue;",
+        f"        const float v_ = in_[iy_ * {w} + ix_]; ++cnt_; {combine}",
+        "      }",
+        "    }",
+        f"    out_[oy_ * {ow} + ox_] = {finish};",
+        "  }",
+        "}"])
+
+
+def emit_global_avg_pool(ctx: CppContext, node: Node) -> str:
+    _f32(ctx, node, node.inputs)
+    n, c, h, w = ctx.type(node.inputs[0]).shape
+    return "\n".join([
+        _omp(n * c * h * w),
+        f"for (int64_t p_ = 0; p_ < {n * c}; ++p_) {{",
+        f"  const float* in_ = {ctx.ptr(node.inputs[0])} + p_ * {h * w};",
+        "  double acc_ = 0.0;",
+        f"  for (int64_t i_ = 0; i_ < {h * w}; ++i_) acc_ += in_[i_];",
+        f"  {ctx.out}[p_] = (float)(acc_ / {h * w});",
+        "}"])
+
+
+# norms and softmax ----------------------------------------------------------------------------------
+
+
+def emit_batch_norm(ctx: CppContext, node: Node) -> str:
+    _f32(ctx, node, node.inputs)
+    x = ctx.type(node.inputs[0])
+    n, c = x.shape[0], x.shape[1]
+    inner = math.prod(x.shape[2:])
+    names = list(node.inputs) + [None] * (5 - len(node.inputs))
+    mean, var, weight, bias = (ctx.ptr(v) if v else None for v in names[1:5])
+    eps = f(node.attrs["eps"])
+    lines = [_omp(x.numel), f"for (int64_t c_ = 0; c_ < {c}; ++c_) {{"]
+    if node.attrs["training"]:
+        lines += [
+            "  double s_ = 0.0, ss_ = 0.0;",
+            f"  for (int64_t n_ = 0; n_ < {n}; ++n_) {{ const float* p_ = {ctx.ptr(node.inputs[0])} + (n_ * {c} + c_) * {inner};",
+            f"    for (int64_t i_ = 0; i_ < {inner}; ++i_) {{ s_ += p_[i_]; ss_ += (double)p_[i_] * p_[i_]; }} }}",
+            f"  const double m_ = s_ / {n * inner}; double v_ = ss_ / {n * inner} - m_ * m_; if (v_ < 0) v_ = 0;",
+            f"  const float mean_ = (float)m_, inv_ = 1.0f / std::sqrt((float)v_ + {eps});"]
+    else:
+        lines.append(f"  const float mean_ = {mean}[c_], inv_ = 1.0f / std::sqrt({var}[c_] + {eps});")
+    lines.append(f"  const float sc_ = inv_ * {weight + '[c_]' if weight else '1.0f'};")
+    lines.append(f"  const float sh_ = {bias + '[c_]' if bias else '0.0f'} - mean_ * sc_;")
+    lines += [f"  for (int64_t n_ = 0; n_ < {n}; ++n_) {{",
+              f"    const float* p_ = {ctx.ptr(node.inputs[0])} + (n_ * {c} + c_) * {inner};",
+              f"    float* q_ = {ctx.out} + (n_ * {c} + c_) * {inner};",
+              f"    for (int64_t i_ = 0; i_ < {inner}; ++i_) q_[i_] = p_[i_] * sc_ + sh_;",
+              "  }", "}"]
+    return "\n".join(lines)
+
+
+def emit_layer_norm(ctx: CppContext, node: Node) -> str:
+    _f32(ctx, node, node.inputs)
+    x = ctx.type(node.inputs[0])
+    inner = math.prod(x.shape[x.rank - node.attrs["normalized_ndim"]:])
+    rows = x.numel // inner if inner else 0
+    names = list(node.inputs) + [None] * (3 - len(node.inputs))
+    weight, bias = (ctx.ptr(v) if v else None for v in names[1:3])
+    return "\n".join([
+        _omp(x.numel),
+        f"for (int64_t r_ = 0; r_ < {rows}; ++r_) {{",
+        f"  const float* p_ = {ctx.ptr(node.inputs[0])} + r_ * {inner};",
+        f"  float* q_ = {ctx.out} + r_ * {inner};",
+        "  float s_ = 0.0f;",
+        "  #pragma omp simd reduction(+:s_)",
+        f"  for (int64_t i_ = 0; i_ < {inner}; ++i_) s_ += p_[i_];",
+        f"  const float m_ = s_ / {inner}; float v_ = 0.0f;",
+        "  #pragma omp simd reduction(+:v_)",
+        f"  for (int64_t i_ = 0; i_ < {inner}; ++i_) {{ const float d_ = p_[i_] - m_; v_ += d_ * d_; }}",
+        f"  const float inv_ = 1.0f / std::sqrt(v_ / {inner} + {f(node.attrs['eps'])});",
+        "  #pragma omp simd",
+        f"  for (int64_t i_ = 0; i_ < {inner}; ++i_) q_[i_] = (p_[i_] - m_) * inv_"
+        f"{' * ' + weight + '[i_]' if weight else ''}{' + ' + bias + '[i_]' if bias else ''};",
+        "}"])
+
+
+def _axis_split(shape, axis):
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+
+
+def emit_softmax(ctx: CppContext, node: Node) -> str:
+    _f32(ctx, node, node.inputs)
+    x = ctx.type(node.inputs[0])
+    axis = normalize_axis(node.op, node.attrs["axis"], x.rank)
+    outer, n, inner = _axis_split(x.shape, axis)
+    log = node.op == "log_softmax"
+    finish = "q_[k_ * INNER] = (p_[k_ * INNER] - m_) - ls_;" if log else "q_[k_ * INNER] *= inv_;"
+    body = [
+        f"for (int64_t r_ = 0; r_ < {outer * inner}; ++r_) {{",
+        f"  const int64_t o_ = r_ / {inner}, i_ = r_ % {inner};",
+        f"  const float* p_ = {ctx.ptr(node.inputs[0])} + o_ * {n * inner} + i_;",
+        f"  float* q_ = {ctx.out} + o_ * {n * inner} + i_;",
+        "  float m_ = -INFINITY;",
+        f"  for (int64_t k_ = 0; k_ < {n}; ++k_) m_ = std::max(m_, p_[k_ * INNER]);",
+        "  float s_ = 0.0f;",
+        f"  for (int64_t k_ = 0; k_ < {n}; ++k_) {{ const float e_ = nnc::exp_scalar(p_[k_ * INNER] - m_); "
+        + ("s_ += e_; }" if log else "q_[k_ * INNER] = e_; s_ += e_; }"),
+        "  const float inv_ = 1.0f / s_, ls_ = nnc::log_scalar(s_); (void)inv_; (void)ls_;",
+        f"  for (int64_t k_ = 0; k_ < {n}; ++k_) {finish}",
+        "}"]
+    return "\n".join([_omp(x.numel)] + [line.replace("INNER", str(inner)) for line in body])
+
+
+# reductions and losses ------------------------------------------------------------------------------
+
+
+def emit_reduce(ctx: CppContext, node: Node) -> str:
+    _f32(ctx, node, node.inputs)
+    x = ctx.type(node.inputs[0])
+    axes = tuple(range(x.rank)) if node.attrs["axes"] is None else \
+        tuple(sorted(normalize_axis(node.op, a, x.rank) for a in node.attrs["axes"]))
+    kept = [d for d in range(x.rank) if d not in axes]
+    strides = contiguous_strides(x.shape)
+    red_sizes = [x.shape[d] for d in axes]
+    red_count = math.prod(red_sizes)
+    out_count = math.prod(x.shape[d] for d in kept)
+    op = node.op
+    init = "-INFINITY" if op == "max" else "0.0"
+    acc_t = "float" if op == "max" else "double"
+    combine = "acc_ = v_ > acc_ || v_ != v_ ? v_ : acc_;" if op == "max" else "acc_ += v_;"
+    finish = f"(float)(acc_ / {red_count})" if op == "mean" else "(float)acc_"
+    lines = [_omp(x.numel) if out_count > 1 else "", f"for (int64_t o_ = 0; o_ < {out_count}; ++o_) {{",
+             "  int64_t rem_ = o_, base_ = 0;"]
+    for d in reversed(kept):
+        lines.append(f"  {{ const int64_t i_ = rem_ % {x.shape[d]}; rem_ /= {x.shape[d]}; base_ += i_ * {strides[d]}; }}")
+    lines.append(f"  {acc_t} acc_ = {init};")
+    trailing = list(axes) == list(range(x.rank - len(axes), x.rank))
+    if trailing:
+        lines += [f"  const float* p_ = {ctx.ptr(node.inputs[0])} + base_;",
+                  f"  for (int64_t k_ = 0; k_ < {red_count}; ++k_) {{ const float v_ = p_[k_]; {combine} }}"]
+    else:
+        lines += [f"  for (int64_t k_ = 0; k_ < {red_count}; ++k_) {{", "    int64_t rk_ = k_, off_ = base_;"]
+        for d in reversed(axes):
+            lines.append(f"    {{ const int64_t i_ = rk_ % {x.shape[d]}; rk_ /= {x.shape[d]}; off_ += i_ * {strides[d]}; }}")
+        lines += [f"    const float v_ = {ctx.ptr(node.inputs[0])}[off_]; {combine}", "  }"]
+    lines += [f"  {ctx.out}[o_] = {finish};", "}"]
+    return "\n".join(line for line in lines if line)
+
+
+def emit_cross_entropy(ctx: CppContext, node: Node) -> str:
+    _f32(ctx, node, node.inputs[:1])
+    n, c = ctx.type(node.inputs[0]).shape
+    mean = node.attrs["reduction"] == "mean"
+    return "\n".join([
+        "double total_ = 0.0; int bad_ = 0;",
+        f"#pragma omp parallel for reduction(+:total_) reduction(|:bad_) if({n * c} >= {PARALLEL_MIN})",
+        f"for (int64_t r_ = 0; r_ < {n}; ++r_) {{",
+        f"  const float* p_ = {ctx.ptr(node.inputs[0])} + r_ * {c};",
+        f"  const int64_t y_ = (int64_t){ctx.ptr(node.inputs[1])}[r_];",
+        f"  if (y_ < 0 || y_ >= {c}) {{ bad_ = 1; continue; }}",
+        "  float m_ = -INFINITY;",
+        f"  for (int64_t k_ = 0; k_ < {c}; ++k_) m_ = std::max(m_, p_[k_]);",
+        "  float s_ = 0.0f;",
+        f"  for (int64_t k_ = 0; k_ < {c}; ++k_) s_ += nnc::exp_scalar(p_[k_] - m_);",
+        "  total_ += (double)(m_ + nnc::log_scalar(s_) - p_[y_]);",
+        "}",
+        f"if (bad_) status_ = {ctx.emitter.error_code(node)};",
+        f"{ctx.out}[0] = (float)(total_{' / ' + str(n) if mean else ''});"])
+
+
+def emit_mse(ctx: CppContext, node: Node) -> str:
+    _f32(ctx, node, node.inputs)
+    t = ctx.type(node.inputs[0])
+    mean = node.attrs["reduction"] == "mean"
+    return "\n".join([
+        "double total_ = 0.0;",
+        f"#pragma omp parallel for reduction(+:total_) if({t.numel} >= {PARALLEL_MIN})",
+        f"for (int64_t i_ = 0; i_ < {t.numel}; ++i_) {{ const double d_ = (double){ctx.ptr(node.inputs[0])}[i_] - "
+        f"{ctx.ptr(node.inputs[1])}[i_]; total_ += d_ * d_; }}",
+        f"{ctx.out}[0] = (float)(total_{' / ' + str(t.numel) if mean else ''});"])
+
+
+def emit_embedding(ctx: CppContext, node: Node) -> str:
+    ids, weight = ctx.type(node.inputs[0]), ctx.type(node.inputs[1])
+    vocab, dim = weight.shape
+    cty = ctype(weight.dtype)
+    return "\n".join([
+        "int bad_ = 0;",
+        f"#pragma omp parallel for reduction(|:bad_) if({ids.numel * dim} >= {PARALLEL_MIN})",
+        f"for (int64_t i_ = 0; i_ < {ids.numel}; ++i_) {{",
+        f"  const int64_t id_ = (int64_t){ctx.ptr(node.inputs[0])}[i_];",
+        f"  if (id_ < 0 || id_ >= {vocab}) {{ bad_ = 1; std::memset({ctx.out} + i_ * {dim}, 0, sizeof({cty}) * {dim}); continue; }}",
+        f"  std::memcpy({ctx.out} + i_ * {dim}, {ctx.ptr(node.inputs[1])} + id_ * {dim}, sizeof({cty}) * {dim});",
+        "}",
+        f"if (bad_) status_ = {ctx.emitter.error_code(node)};"])
+
+
+def sdpa_workspace(q_shape, k_shape) -> int:
+    return 4 * q_shape[-2] * k_shape[-2]
+
+
+def emit_sdpa(ctx: CppContext, node: Node) -> str:
+    _f32(ctx, node, node.inputs)
+    q, k, v = (ctx.type(n) for n in node.inputs)
+    length, d = q.shape[-2], q.shape[-1]
+    s, dv = k.shape[-2], v.shape[-1]
+    batch = q.numel // (length * d)
+    if k.numel // (s * d) != batch or v.numel // (s * dv) != batch:
+        raise BuildError("sdpa: the C++ backend needs q, k and v with the same batch dimensions", node.loc)
+    scale = node.attrs["scale"] if node.attrs["scale"] is not None else 1.0 / math.sqrt(d)
+    causal = node.attrs["causal"]
+    qp, kp, vp = (ctx.ptr(n) for n in node.inputs)
+    return "\n".join([
+        "nnc::Epilogue none_;",
+        f"none_.alpha = {f(scale)};",
+        "float* sc_ = (float*)" + ctx.work() + ";",
+        f"for (int64_t b_ = 0; b_ < {batch}; ++b_) {{",
+        f"  nnc::sgemm(false, true, {length}, {s}, {d}, {qp} + b_ * {length * d}, {d}, {kp} + b_ * {s * d}, {d}, sc_, {s}, 0.0f, none_);",
+        f"  {_omp(length * s)}",
+        f"  for (int64_t i_ = 0; i_ < {length}; ++i_) {{",
+        f"    float* row_ = sc_ + i_ * {s};",
+        f"    const int64_t valid_ = {'std::min<int64_t>(i_ + 1, ' + str(s) + ')' if causal else str(s)};",
+        "    float m_ = -INFINITY;",
+        "    for (int64_t j_ = 0; j_ < valid_; ++j_) m_ = std::max(m_, row_[j_]);",
+        "    float sum_ = 0.0f;",
+        "    for (int64_t j_ = 0; j_ < valid_; ++j_) { row_[j_] = nnc::exp_scalar(row_[j_] - m_); sum_ += row_[j_]; }",
+        "    const float inv_ = 1.0f / sum_;",
+        "    for (int64_t j_ = 0; j_ < valid_; ++j_) row_[j_] *= inv_;",
+        f"    for (int64_t j_ = valid_; j_ < {s}; ++j_) row_[j_] = 0.0f;",
+        "  }",
+        "  nnc::Epilogue plain_;",
+        f"  nnc::sgemm(false, false, {length}, {dv}, {s}, sc_, {s}, {vp} + b_ * {s * dv}, {dv}, {ctx.out} + b_ * {length * dv}, {dv}, 0.0f, plain_);",
+        "}"])
+
+
+def emit_cross_entropy_grad(ctx: CppContext, node: Node) -> str:
+    _f32(ctx, node, [node.inputs[0], node.inputs[2]])
+    n, c = ctx.type(node.inputs[0]).shape
+    logits, labels, grad = (ctx.ptr(v) for v in node.inputs)
+    scale = f"{grad}[0]" + (f" / {n}.0f" if node.attrs["reduction"] == "mean" else "")
+    return "\n".join([
+        f"const float scale_ = {scale}; int bad_ = 0;",
+        f"#pragma omp parallel for reduction(|:bad_) if({n * c} >= {PARALLEL_MIN})",
+        f"for (int64_t r_ = 0; r_ < {n}; ++r_) {{",
+        f"  const float* p_ = {logits} + r_ * {c};",
+        f"  float* q_ = {ctx.out} + r_ * {c};",
+        "  float m_ = -INFINITY;",
+        f"  for (int64_t k_ = 0; k_ < {c}; ++k_) m_ = std::max(m_, p_[k_]);",
+        "  float s_ = 0.0f;",
+        f"  for (int64_t k_ = 0; k_ < {c}; ++k_) {{ q_[k_] = nnc::exp_scalar(p_[k_] - m_); s_ += q_[k_]; }}",
+        "  const float inv_ = scale_ / s_;",
+        f"  for (int64_t k_ = 0; k_ < {c}; ++k_) q_[k_] *= inv_;",
+        f"  const int64_t y_ = (int64_t){labels}[r_];",
+        f"  if (y_ < 0 || y_ >= {c}) {{ bad_ = 1; continue; }}",
+        "  q_[y_] -= scale_;",
+        "}",
+        f"if (bad_) status_ = {ctx.emitter.error_code(node)};"])
+
+
+def emit_embedding_grad(ctx: CppContext, node: Node) -> str:
+    _f32(ctx, node, node.inputs[1:])
+    ids = ctx.type(node.inputs[0])
+    vocab, dim = node.type.shape
+    # rows are owned by threads by id range, so the scatter-add needs no atomics
+    return "\n".join([
+        f"std::memset({ctx.out}, 0, sizeof(float) * {vocab * dim});",
+        "int bad_ = 0;",
+        f"#pragma omp parallel reduction(|:bad_) if({ids.numel * dim} >= {PARALLEL_MIN})",
+        "{",
+        "  const int t_ = nnc::thread_id(), nt_ = omp_get_num_threads();",
+        f"  const int64_t lo_ = (int64_t){vocab} * t_ / nt_, hi_ = (int64_t){vocab} * (t_ + 1) / nt_;",
+        f"  for (int64_t i_ = 0; i_ < {ids.numel}; ++i_) {{",
+        f"    const int64_t id_ = (int64_t){ctx.ptr(node.inputs[0])}[i_];",
+        f"    if (id_ < 0 || id_ >= {vocab}) {{ bad_ = 1; continue; }}",
+        "    if (id_ < lo_ || id_ >= hi_) continue;",
+        f"    float* dst_ = {ctx.out} + id_ * {dim};",
+        f"    const float* src_ = {ctx.ptr(node.inputs[1])} + i_ * {dim};",
+        f"    for (int64_t k_ = 0; k_ < {dim}; ++k_) dst_[k_] += src_[k_];",
+        "  }",
+        "}",
+        f"if (bad_) status_ = {ctx.emitter.error_code(node)};"])
+
+
+def emit_slice_scatter(ctx: CppContext, node: Node) -> str:
+    from nncompile.codegen.cpp_loops import contiguous_strides as strides_of
+
+    shape = node.type.shape
+    axis = normalize_axis("slice_scatter", node.attrs["axis"], len(shape))
+    start, _, step = slice(node.attrs["start"], node.attrs["end"], node.attrs["step"]).indices(shape[axis])
+    own = strides_of(shape)
+    dst_strides = list(own)
+    dst_strides[axis] = own[axis] * step
+    src_shape = ctx.type(node.inputs[0]).shape
+    cty = ctype(node.type.dtype)
+    # zero the output, then write the slice: a strided copy with the roles of source and target swapped
+    lines = [f"std::memset({ctx.out}, 0, sizeof({cty}) * {node.type.numel});",
+             f"for (int64_t i_ = 0; i_ < {math.prod(src_shape)}; ++i_) {{",
+             "  int64_t rem_ = i_, off_ = 0;"]
+    for d in reversed(range(len(src_shape))):
+        lines.append(f"  {{ const int64_t k_ = rem_ % {src_shape[d]}; rem_ /= {src_shape[d]}; off_ += k_ * {dst_strides[d]}; }}")
+    lines += [f"  {ctx.out}[{start * own[axis]} + off_] = {ctx.ptr(node.inputs[0])}[i_];", "}"]
+    return "\n".join(lines)
+
+
+def emit_sdpa_probs(ctx: CppContext, node: Node) -> str:
+    _f32(ctx, node, node.inputs)
+    q, k = (ctx.type(n) for n in node.inputs)
+    length, d, s = q.shape[-2], q.shape[-1], k.shape[-2]
+    batch = node.type.numel // (length * s)
+    if k.numel // (s * d) != batch or q.numel // (length * d) != batch:
+        raise BuildError("sdpa_probs: the C++ backend needs q and k with the same batch dimensions", node.loc)
+    scale = node.attrs["scale"] if node.attrs["scale"] is not None else 1.0 / math.sqrt(d)
+    causal = node.attrs["causal"]
+    return "\n".join([
+        "nnc::Epilogue e_;",
+        f"e_.alpha = {f(scale)};",
+        f"for (int64_t b_ = 0; b_ < {batch}; ++b_)",
+        f"  nnc::sgemm(false, true, {length}, {s}, {d}, {ctx.ptr(node.inputs[0])} + b_ * {length * d}, {d}, "
+        f"{ctx.ptr(node.inputs[1])} + b_ * {s * d}, {d}, {ctx.out} + b_ * {length * s}, {s}, 0.0f, e_);",
+        _omp(batch * length * s),
+        f"for (int64_t r_ = 0; r_ < {batch * length}; ++r_) {{",
+        f"  float* row_ = {ctx.out} + r_ * {s};",
+        f"  const int64_t i_ = r_ % {length};",
+        f"  const int64_t valid_ = {'std::min<int64_t>(i_ + 1, ' + str(s) + ')' if causal else str(s)};",
+        "  float m_ = -INFINITY;",
+        "  for (int64_t j_ = 0; j_ < valid_; ++j_) m_ = std::max(m_, row_[j_]);",
+        "  float sum_ = 0.0f;",
+        "  for (int64_t j_ = 0; j_ < valid_; ++j_) { row_[j_] = nnc::exp_scalar(row_[j_] - m_); sum_ += row_[j_]; }",
+        "  const float inv_ = 1.0f / sum_;",
+        "  for (int64_t j_ = 0; j_ < valid_; ++j_) row_[j_] *= inv_;",
+        f"  for (int64_t j_ = valid_; j_ < {s}; ++j_) row_[j_] = 0.0f;",
+        "}"])
+
+
+def workspace_bytes(graph, node: Node) -> int:
+    """Scratch bytes a node's C++ kernel needs (0 for most)."""
+    if node.op == "conv2d":
+        return conv_workspace(None, dict(node.attrs), graph.type_of(node.inputs[0]).shape,
+                              graph.type_of(node.inputs[1]).shape, node.type.shape)
+    if node.op == "fused":
+        op, args, attrs = steps(node.attrs["body"])[0]
+        if op == "conv2d":
+            x, w = (graph.type_of(node.inputs[int(a[1:])]).shape for a in args[:2])
+            out = (x[0], w[0]) + tuple(node.type.shape[2:])
+            return conv_workspace(None, attrs, x, w, out)
+        return 0
+    if node.op == "sdpa":
+        return sdpa_workspace(graph.type_of(node.inputs[0]).shape, graph.type_of(node.inputs[1]).shape)
+    return 0
+
+
+def register() -> None:
+    set_rule("conv2d", "emit_cpp", emit_conv2d)
+    for op in ("max_pool2d", "avg_pool2d"):
+        set_rule(op, "emit_cpp", emit_pool)
+    set_rule("global_avg_pool2d", "emit_cpp", emit_global_avg_pool)
+    set_rule("batch_norm", "emit_cpp", emit_batch_norm)
+    set_rule("layer_norm", "emit_cpp", emit_layer_norm)
+    for op in ("softmax", "log_softmax"):
+        set_rule(op, "emit_cpp", emit_softmax)
+    for op in ("sum", "mean", "max"):
+        set_rule(op, "emit_cpp", emit_reduce)
+    set_rule("cross_entropy", "emit_cpp", emit_cross_entropy)
+    set_rule("mse_loss", "emit_cpp", emit_mse)
+    set_rule("embedding", "emit_cpp", emit_embedding)
+    set_rule("sdpa", "emit_cpp", emit_sdpa)
+    set_rule("cross_entropy_grad", "emit_cpp", emit_cross_entropy_grad)
+    set_rule("embedding_grad", "emit_cpp", emit_embedding_grad)
+    set_rule("slice_scatter", "emit_cpp", emit_slice_scatter)
+    set_rule("sdpa_probs", "emit_cpp", emit_sdpa_probs)

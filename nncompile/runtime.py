@@ -1,0 +1,190 @@
+"""CompiledModel: a loaded native module plus its weights, arena and manifest.
+
+    m = nnc.load("build/")
+    y = m(x)                    # numpy in -> numpy out; torch CPU tensors in -> torch tensors out
+    m.parameters()["fc1.weight"]   # a view of the module's weights: edits are seen by the next call
+    m.set_threads(2)
+
+The arena (every intermediate) and the parameter block are allocated once, 64-byte aligned. Calls
+are serialized by a lock (they share the arena); the GIL is released while the kernels run. Inputs
+are checked (count, shape, dtype, contiguity) before any pointer is used; a mismatch is a ValueError
+naming the input and the expected type.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nncompile.codegen.build import load_module
+from nncompile.errors import InputError
+from nncompile.ir.types import TensorType, numpy_dtype
+
+MANIFEST = "model.json"
+THREADS_ENV = "NNCOMPILE_NUM_THREADS"
+
+
+def aligned_empty(nbytes: int, alignment: int = 64) -> np.ndarray:
+    """A zeroed uint8 array of ``nbytes`` whose data pointer is ``alignment``-aligned."""
+    raw = np.zeros(nbytes + alignment, dtype=np.uint8)
+    start = (-raw.ctypes.data) % alignment
+    return raw[start:start + nbytes]
+
+
+def _type_from_json(item: dict) -> TensorType:
+    return TensorType(tuple(item["shape"]), item["dtype"])
+
+
+class CompiledModel:
+    """A compiled graph, ready to run. Made by ``nnc.compile`` or ``nnc.load``."""
+
+    def __init__(self, module_path: Path, manifest: dict, weights: dict[str, np.ndarray] | None = None,
+                 plan: dict | None = None, train_module_path: Path | None = None):
+        self.manifest = manifest
+        self.module_path = Path(module_path)
+        self._module = load_module(self.module_path, manifest["module_name"])
+        self.input_names = [i["name"] for i in manifest["inputs"]]
+        self.input_types = [_type_from_json(i) for i in manifest["inputs"]]
+        self.output_names = [o["name"] for o in manifest["outputs"]]
+        self.output_types = [_type_from_json(o) for o in manifest["outputs"]]
+        self.plan = plan if plan is not None else manifest.get("plan", {})
+        self._lock = threading.Lock()
+        self._arena = aligned_empty(max(manifest["arena_bytes"], 1))
+        self._param_block = aligned_empty(max(manifest["param_bytes"], 1))
+        self._params: dict[str, np.ndarray] = {}
+        for p in manifest["params"]:
+            t = _type_from_json(p)
+            view = self._param_block[p["offset"]:p["offset"] + t.nbytes].view(numpy_dtype(t.dtype)).reshape(t.shape)
+            self._params[p["name"]] = view
+        if weights is not None:
+            self.load_weights(weights)
+        self._trainer = None
+        if "train" in manifest:
+            from nncompile.trainer import Trainer
+
+            path = train_module_path or self.module_path.parent / manifest["train"]["module_file"]
+            self._trainer = Trainer(self, manifest["train"], path)
+        threads = os.environ.get(THREADS_ENV)
+        if threads:
+            self.set_threads(int(threads))
+
+    # weights
+    def parameters(self) -> dict[str, np.ndarray]:
+        """name -> array view of the module's weights (writes take effect on the next call)."""
+        return dict(self._params)
+
+    def load_weights(self, weights: dict[str, Any] | str | Path) -> None:
+        """Copy weights in by name, from a dict of arrays/tensors or an .npz file; shapes are checked."""
+        if isinstance(weights, (str, Path)):
+            with np.load(weights) as data:
+                weights = {k: data[k] for k in data.files}
+        unknown = set(weights) - set(self._params)
+        if unknown:
+            raise InputError(f"unknown parameter '{sorted(unknown)[0]}' (the model has: {', '.join(list(self._params)[:6])}, ...)")
+        for name, value in weights.items():
+            array = _to_numpy(value)
+            target = self._params[name]
+            if array.shape != target.shape:
+                raise InputError(f"parameter '{name}' has shape {list(array.shape)}, expected {list(target.shape)}")
+            target[...] = array
+
+    def save_weights(self, path: str | Path) -> None:
+        np.savez(path, **self._params)
+
+    # threads
+    def set_threads(self, n: int) -> None:
+        if n < 1:
+            raise InputError(f"thread count must be >= 1, got {n}")
+        self._module.set_threads(int(n))
+        if self._trainer is not None:
+            self._trainer.module.set_threads(int(n))
+
+    # training
+    def train_step(self, *args, accumulate: int = 1, **kwargs) -> float:
+        """Forward + backward + optimizer update, in place; returns the loss (the mean over the
+        ``accumulate`` micro-batches the inputs are split into along their first axis)."""
+        if self._trainer is None:
+            raise InputError("this model was compiled for inference; compile with train=True (or --train)")
+        return self._trainer.step(args, kwargs, accumulate)
+
+    @property
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The optimizer's state blocks (momentum buffer, or Adam's moments) and the step count."""
+        if self._trainer is None:
+            return {}
+        return self._trainer.state()
+
+    def get_threads(self) -> int:
+        return int(self._module.get_threads())
+
+    # running
+    def _bind(self, args: tuple, kwargs: dict) -> list[np.ndarray]:
+        if len(args) + len(kwargs) != len(self.input_names):
+            raise InputError(f"expected {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
+                             f"got {len(args) + len(kwargs)}")
+        values = list(args)
+        for name in self.input_names[len(args):]:
+            if name not in kwargs:
+                raise InputError(f"missing input '{name}'")
+            values.append(kwargs.pop(name))
+        if kwargs:
+            raise InputError(f"unexpected input '{sorted(kwargs)[0]}'")
+        arrays = []
+        for name, t, value in zip(self.input_names, self.input_types, values):
+            array = _to_numpy(value)
+            if array.shape != t.shape:
+                raise InputError(f"input '{name}' has shape {list(array.shape)}, expected {t}")
+            if array.dtype != numpy_dtype(t.dtype):
+                raise InputError(f"input '{name}' has dtype {array.dtype}, expected {t}")
+            arrays.append(np.ascontiguousarray(array))
+        return arrays
+
+    def __call__(self, *args, **kwargs):
+        torch_in = any(_is_torch(v) for v in (*args, *kwargs.values()))
+        arrays = self._bind(args, dict(kwargs))
+        outputs = [np.empty(t.shape, numpy_dtype(t.dtype)) for t in self.output_types]
+        with self._lock:
+            self._module.forward(arrays, outputs, self._param_block, self._arena)
+        if torch_in:
+            import torch
+
+            outputs = [torch.from_numpy(o) for o in outputs]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{n}: {t}" for n, t in zip(self.input_names, self.input_types))
+        outs = ", ".join(f"{n}: {t}" for n, t in zip(self.output_names, self.output_types))
+        return f"CompiledModel({ins}) -> ({outs}) [arena {self.manifest['arena_bytes']} B]"
+
+
+def _is_torch(value) -> bool:
+    return type(value).__module__.startswith("torch")
+
+
+def _to_numpy(value) -> np.ndarray:
+    if _is_torch(value):
+        if value.device.type != "cpu":
+            raise InputError(f"expected a CPU tensor, got one on {value.device}")
+        return value.detach().numpy()
+    return np.asarray(value)
+
+
+def load(path: str | Path) -> CompiledModel:
+    """Load a model compiled with ``nncompile MODEL -o DIR`` or ``nnc.compile(..., out_dir=DIR)``."""
+    root = Path(path)
+    manifest_path = root / MANIFEST
+    if not manifest_path.exists():
+        raise InputError(f"'{root}' holds no compiled model ({MANIFEST} not found)")
+    manifest = json.loads(manifest_path.read_text())
+    weights_path = root / manifest["weights_file"]
+    module_path = root / manifest["module_file"]
+    if not module_path.exists():
+        raise InputError(f"compiled module '{module_path}' is missing")
+    model = CompiledModel(module_path, manifest)
+    if weights_path.exists():
+        model.load_weights(weights_path)
+    return model

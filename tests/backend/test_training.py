@@ -1,0 +1,256 @@
+"""Compiled training steps against the same training loop in PyTorch, from the same initial weights
+on the same data: losses agree within 1e-4 relative at every step, final weights within 1e-3."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as tnn
+import torch.nn.functional as F
+
+import nncompile as nnc
+
+pytestmark = pytest.mark.backend
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+class Mlp(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = tnn.Linear(784, 1024), tnn.Linear(1024, 1024), tnn.Linear(1024, 10)
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class LeNet(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = tnn.Conv2d(1, 6, 5, padding=2), tnn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2, self.fc3 = tnn.Linear(400, 120), tnn.Linear(120, 84), tnn.Linear(84, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+
+
+class Attention(tnn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.proj = (tnn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        split = lambda y: y.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        a = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
+        return self.proj(a.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(tnn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.ln1, self.attn, self.ln2 = tnn.LayerNorm(d), Attention(d, heads), tnn.LayerNorm(d)
+        self.mlp = tnn.Module()
+        self.mlp.fc, self.mlp.proj = tnn.Linear(d, 4 * d), tnn.Linear(4 * d, d)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp.proj(F.gelu(self.mlp.fc(self.ln2(x))))
+
+
+class Gpt(tnn.Module):
+    def __init__(self, vocab, t, d, heads, layers):
+        super().__init__()
+        self.wte, self.wpe = tnn.Embedding(vocab, d), tnn.Embedding(t, d)
+        self.blocks = tnn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f, self.head = tnn.LayerNorm(d), tnn.Linear(d, vocab, bias=False)
+
+    def forward(self, tokens, positions):
+        h = self.wte(tokens) + self.wpe(positions)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln_f(h))
+
+
+def torch_optimizer(name, params, hyper):
+    hyper = dict(hyper)
+    if "betas" in hyper:
+        hyper["betas"] = tuple(hyper["betas"])
+    return {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name](params, **hyper)
+
+
+def train_both(graph, module, batches, loss_fn, optimizer=None, steps=100):
+    """Train the compiled graph and the torch module side by side; return both loss curves."""
+    model = nnc.compile(graph, train=True, optimizer=optimizer)
+    module.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in model.parameters().items()})
+    name, hyper = optimizer if optimizer else (graph.train.optimizer, dict(graph.train.hyper))
+    opt = torch_optimizer(name, module.parameters(), hyper)
+    ours, theirs = [], []
+    for step in range(steps):
+        inputs, labels = batches(step)
+        ours.append(model.train_step(*inputs, labels))
+        opt.zero_grad()
+        loss = loss_fn(module(*[torch.from_numpy(a) for a in inputs]), torch.from_numpy(labels))
+        loss.backward()
+        opt.step()
+        theirs.append(loss.item())
+    return model, np.array(ours), np.array(theirs)
+
+
+def assert_same_training(model, module, ours, theirs, loss_rtol=1e-4, weight_atol=1e-3):
+    np.testing.assert_allclose(ours, theirs, rtol=loss_rtol, atol=1e-6)
+    state = module.state_dict()
+    for name, value in model.parameters().items():
+        np.testing.assert_allclose(value, state[name].numpy(), atol=weight_atol, rtol=0, err_msg=name)
+    assert ours[-1] < ours[0]
+
+
+def classification_batches(shape, classes, seed=0):
+    rng = np.random.default_rng(seed)
+    data = [(rng.standard_normal(shape).astype(np.float32), rng.integers(0, classes, shape[0])) for _ in range(4)]
+    return lambda step: ((data[step % 4][0],), data[step % 4][1])
+
+
+@pytest.mark.parametrize("optimizer", [None, ("adamw", {"lr": 1e-3, "weight_decay": 0.01})])
+def test_mlp_100_steps(optimizer):
+    graph = nnc.parse(EXAMPLES / "mlp.nn", set={"B": 16})
+    module = Mlp()
+    model, ours, theirs = train_both(graph, module, classification_batches((16, 784), 10), F.cross_entropy, optimizer)
+    assert_same_training(model, module, ours, theirs)
+
+
+@pytest.mark.parametrize("optimizer", [None, ("adamw", {"lr": 1e-3})])
+def test_lenet_100_steps(optimizer):
+    graph = nnc.parse(EXAMPLES / "lenet.nn", set={"B": 8})
+    module = LeNet()
+    model, ours, theirs = train_both(graph, module, classification_batches((8, 1, 28, 28), 10), F.cross_entropy,
+                                     optimizer)
+    assert_same_training(model, module, ours, theirs)
+
+
+@pytest.mark.parametrize("optimizer", [None, ("sgd", {"lr": 0.05, "momentum": 0.9, "nesterov": True})])
+def test_gpt_small_100_steps(optimizer):
+    dims = {"B": 2, "T": 16, "d": 64, "heads": 4, "layers": 2, "vocab": 128}
+    graph = nnc.parse(EXAMPLES / "gpt.nn", set=dims)
+    module = Gpt(dims["vocab"], dims["T"], dims["d"], dims["heads"], dims["layers"])
+    rng = np.random.default_rng(1)
+    data = [(rng.integers(0, 128, (2, 16)), rng.integers(0, 128, (2, 16))) for _ in range(4)]
+    positions = np.arange(16)
+    batches = lambda step: ((data[step % 4][0], positions), data[step % 4][1])  # noqa: E731
+    loss_fn = lambda logits, targets: F.cross_entropy(logits.reshape(-1, 128), targets.reshape(-1))  # noqa: E731
+    model, ours, theirs = train_both(graph, module, batches, loss_fn, optimizer)
+    assert_same_training(model, module, ours, theirs)
+
+
+def test_torch_module_trained_through_compile_matches_eager():
+    torch.manual_seed(0)
+    net = tnn.Sequential(tnn.Linear(20, 64), tnn.Tanh(), tnn.Linear(64, 64), tnn.GELU(), tnn.Linear(64, 5))
+    reference = tnn.Sequential(tnn.Linear(20, 64), tnn.Tanh(), tnn.Linear(64, 64), tnn.GELU(), tnn.Linear(64, 5))
+    reference.load_state_dict(net.state_dict())
+    x = torch.randn(32, 20)
+    model = nnc.compile(net, (x,), train=True, loss="cross_entropy", optimizer=("adam", {"lr": 3e-3}))
+    opt = torch.optim.Adam(reference.parameters(), lr=3e-3)
+    rng = np.random.default_rng(2)
+    for step in range(50):
+        xs = torch.from_numpy(rng.standard_normal((32, 20)).astype(np.float32))
+        ys = torch.from_numpy(rng.integers(0, 5, 32))
+        ours = model.train_step(xs, ys)
+        opt.zero_grad()
+        loss = F.cross_entropy(reference(xs), ys)
+        loss.backward()
+        opt.step()
+        assert ours == pytest.approx(loss.item(), rel=1e-4, abs=1e-6), step
+    names = {n.replace(".", "_") for n in reference.state_dict()}
+    assert len(model.parameters()) == len(names)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x.numpy()), reference(x).numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+    source = """
+    dim B = 8
+    model m {
+        input x: f32[B, 6]
+        y = Linear(x, 3)
+        output y
+        train {
+            input labels: i64[B]
+            loss = cross_entropy(y, labels)
+            optimizer sgd(lr=0.5)
+        }
+    }
+    """
+    full = nnc.compile(nnc.parse_text(source, set={"B": 8}), train=True)
+    micro = nnc.compile(nnc.parse_text(source, set={"B": 4}), train=True)
+    micro.load_weights(full.parameters())
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((8, 6)).astype(np.float32), rng.integers(0, 3, 8)
+    loss_full = full.train_step(x, y)
+    loss_micro = micro.train_step(x, y, accumulate=2)
+    assert loss_micro == pytest.approx(loss_full, rel=1e-5)
+    for name, value in full.parameters().items():
+        np.testing.assert_allclose(micro.parameters()[name], value, rtol=1e-5, atol=1e-6)
+    with pytest.raises(nnc.NNError, match="expected f32\\[4,6\\] or \\[8, ...\\] for accumulate=2"):
+        micro.train_step(x[:6], y[:6], accumulate=2)
+
+
+def test_dropout_is_reproducible_and_changes_every_step():
+    source = """
+    dim B = 4
+    model m {
+        input x: f32[B, 32]
+        h = Dropout(Linear(x, 32), p=0.5)
+        y = Linear(h, 2)
+        output y
+        train {
+            input labels: i64[B]
+            loss = cross_entropy(y, labels)
+            optimizer sgd(lr=0.1)
+        }
+    }
+    """
+    graph = nnc.parse_text(source)
+    a, b = nnc.compile(graph, train=True), nnc.compile(graph, train=True)
+    x = np.ones((4, 32), np.float32)
+    y = np.array([0, 1, 0, 1])
+    losses_a = [a.train_step(x, y) for _ in range(5)]
+    losses_b = [b.train_step(x, y) for _ in range(5)]
+    assert losses_a == losses_b
+    first = nnc.compile(graph, train=True)
+    first_losses = [first.train_step(x, y) for _ in range(1)]
+    assert len(set(np.round(losses_a, 6))) > 1 and first_losses[0] == losses_a[0]
+    np.testing.assert_allclose(a(x), b(x))   # inference: dropout is off
+
+
+def test_batch_norm_training_matches_torch_train_mode():
+    torch.manual_seed(1)
+    net = tnn.Sequential(tnn.Conv2d(3, 4, 3, padding=1), tnn.BatchNorm2d(4), tnn.ReLU(), tnn.Flatten(),
+                         tnn.Linear(4 * 6 * 6, 3))
+    reference = tnn.Sequential(tnn.Conv2d(3, 4, 3, padding=1), tnn.BatchNorm2d(4), tnn.ReLU(), tnn.Flatten(),
+                               tnn.Linear(4 * 6 * 6, 3))
+    reference.load_state_dict(net.state_dict())
+    x = torch.randn(5, 3, 6, 6)
+    model = nnc.compile(net.eval(), (x,), train=True, loss="cross_entropy", optimizer=("sgd", {"lr": 0.1}))
+    reference.train()
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        xs = torch.from_numpy(rng.standard_normal((5, 3, 6, 6)).astype(np.float32))
+        ys = torch.from_numpy(rng.integers(0, 3, 5))
+        ours = model.train_step(xs, ys)
+        opt.zero_grad()
+        loss = F.cross_entropy(reference(xs), ys)
+        loss.backward()
+        opt.step()
+        assert ours == pytest.approx(loss.item(), rel=1e-4)
+    params = model.parameters()
+    running = {k: v for k, v in params.items() if "running" in k}
+    assert running, "batch-norm buffers should come across"
+    for name, value in running.items():
+        torch_name = next(n for n in reference.state_dict() if n.replace(".", "_") == name.replace(".", "_"))
+        np.testing.assert_allclose(value, reference.state_dict()[torch_name].numpy(), rtol=1e-4, atol=1e-5)
