@@ -112,7 +112,8 @@ def compile_graph(graph: Graph, options: CompileOptions = CompileOptions(), *, w
     timings = {"build_s": time.perf_counter() - t0, "cache_hit": inference.cache_hit}
     manifest = {"format": 1, "model": graph.name, "target": options.target, "weights_file": "weights.npz",
                 **_module_manifest(inference), "param_bytes": layout[1], "march": options.build.march,
-                "params": [dict(_type_json(p.name, p.type), offset=layout[0][p.name], trainable=p.trainable)
+                "params": [dict(_type_json(p.name, p.type), offset=layout[0][p.name], trainable=p.trainable,
+                                **({"source": p.init.args["torch_name"]} if "torch_name" in p.init.args else {}))
                            for p in graph.params]}
     plan_json = {"passes": [r.to_json() for r in inference.reports], "memory": inference.plan.to_json()}
     modules = [(inference, "")]

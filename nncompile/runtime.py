@@ -60,6 +60,8 @@ class CompiledModel:
             t = _type_from_json(p)
             view = self._param_block[p["offset"]:p["offset"] + t.nbytes].view(numpy_dtype(t.dtype)).reshape(t.shape)
             self._params[p["name"]] = view
+        # torch state_dict name -> IR name, for models imported from torch
+        self._by_source = {p["source"]: p["name"] for p in manifest["params"] if p.get("source")}
         if weights is not None:
             self.load_weights(weights)
         self._trainer = None
@@ -82,6 +84,7 @@ class CompiledModel:
         if isinstance(weights, (str, Path)):
             with np.load(weights) as data:
                 weights = {k: data[k] for k in data.files}
+        weights = {self._by_source.get(k, k) if k not in self._params else k: v for k, v in weights.items()}
         unknown = set(weights) - set(self._params)
         if unknown:
             raise InputError(f"unknown parameter '{sorted(unknown)[0]}' (the model has: {', '.join(list(self._params)[:6])}, ...)")
@@ -91,6 +94,14 @@ class CompiledModel:
             if array.shape != target.shape:
                 raise InputError(f"parameter '{name}' has shape {list(array.shape)}, expected {list(target.shape)}")
             target[...] = array
+
+    def state_dict(self) -> dict[str, Any]:
+        """The weights as torch tensors (copies) under the torch module's names where the model came
+        from torch (``module.load_state_dict(m.state_dict())`` copies trained weights back)."""
+        import torch
+
+        names = {v: k for k, v in self._by_source.items()}
+        return {names.get(k, k): torch.from_numpy(v.copy()) for k, v in self._params.items()}
 
     def save_weights(self, path: str | Path) -> None:
         np.savez(path, **self._params)

@@ -7,8 +7,9 @@ def register_rules() -> None:
     """Attach the C++ emit rules to the op table (once)."""
     global _registered
     if not _registered:
-        from nncompile.codegen import cpp_ops, cpp_ops_nn
+        from nncompile.codegen import cpp_ops, cpp_ops_grad, cpp_ops_nn
 
         cpp_ops.register()
         cpp_ops_nn.register()
+        cpp_ops_grad.register()
         _registered = True

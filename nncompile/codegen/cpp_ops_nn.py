@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from nncompile.codegen import cpp_ops_grad
 from nncompile.codegen.cpp import CppContext, ctype
 from nncompile.codegen.cpp_loops import PARALLEL_MIN, contiguous_strides
 from nncompile.codegen.cpp_ops import epilogue_decl, f
@@ -66,24 +67,13 @@ def conv2d_call(ctx: CppContext, args: list[str], attrs: dict, out_ptr: str, epi
     if _is_pointwise(g):
         lines.append("    const float* col_ = in_;")
     else:
+        # nnc::im2col, not an inline loop: g++ 12.2 at -O3 miscompiles the obvious loop
+        # (``col[..] = (0 <= ix && ix < W) ? row[ix] : 0`` gets unswitched and vectorized wrongly;
+        # test_conv_geometries_in_one_module covers the sizes that showed it)
         lines += [
             f"    float* col_ = (float*){ctx.work()};",
-            f"    {_omp(kdim * ohw)}",
-            f"    for (int64_t r_ = 0; r_ < {kdim}; ++r_) {{",
-            f"      const int64_t ci_ = r_ / {g['kh'] * g['kw']}, ki_ = (r_ / {g['kw']}) % {g['kh']}, kj_ = r_ % {g['kw']};",
-            f"      const float* plane_ = in_ + ci_ * {g['h'] * g['w']};",
-            f"      float* dst_ = col_ + r_ * {ohw};",
-            f"      for (int64_t oy_ = 0; oy_ < {g['oh']}; ++oy_) {{",
-            f"        const int64_t iy_ = oy_ * {g['sh']} - {g['ph']} + ki_ * {g['dh']};",
-            f"        float* drow_ = dst_ + oy_ * {g['ow']};",
-            f"        if (iy_ < 0 || iy_ >= {g['h']}) {{ for (int64_t ox_ = 0; ox_ < {g['ow']}; ++ox_) drow_[ox_] = 0.0f; continue; }}",
-            f"        const float* srow_ = plane_ + iy_ * {g['w']};",
-            f"        for (int64_t ox_ = 0; ox_ < {g['ow']}; ++ox_) {{",
-            f"          const int64_t ix_ = ox_ * {g['sw']} - {g['pw']} + kj_ * {g['dw']};",
-            f"          drow_[ox_] = (ix_ >= 0 && ix_ < {g['w']}) ? srow_[ix_] : 0.0f;",
-            "        }",
-            "      }",
-            "    }"]
+            f"    nnc::im2col(in_, {g['cg']}, {g['h']}, {g['w']}, {g['kh']}, {g['kw']}, {g['sh']}, {g['sw']}, {g['ph']}, "
+            f"{g['pw']}, {g['dh']}, {g['dw']}, {g['oh']}, {g['ow']}, col_);"]
     lines += [f"    nnc::Epilogue e_ = base_{epi};",
               f"    const int64_t out_off_ = (n_ * {g['o']} + g_ * {g['og']}) * {ohw};"]
     if bias is not None:
@@ -465,6 +455,8 @@ def emit_sdpa_probs(ctx: CppContext, node: Node) -> str:
 
 def workspace_bytes(graph, node: Node) -> int:
     """Scratch bytes a node's C++ kernel needs (0 for most)."""
+    if (found := cpp_ops_grad.workspace_bytes(graph, node)) is not None:
+        return found
     if node.op == "conv2d":
         return conv_workspace(None, dict(node.attrs), graph.type_of(node.inputs[0]).shape,
                               graph.type_of(node.inputs[1]).shape, node.type.shape)

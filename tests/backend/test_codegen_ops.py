@@ -102,6 +102,22 @@ def _zoo_cases():
         w = b.param("cg_w", T((6, 2, 3, 3)), Init("normal", {"std": 0.3}))
         return b.op("conv2d", [x, w], {"groups": 2, "dilation": (2, 2), "padding": (1, 1)})
 
+    # small images of every size and padding: g++ 12.2 -O3 once miscompiled an inline im2col at 6x6/7x7
+    for size in range(3, 11):
+        for pad in (0, 1, 2):
+            @case(f"conv_{size}x{size}_pad{pad}")
+            def _(b, size=size, pad=pad):
+                x = b.input(f"cs{size}p{pad}_x", T((1, 3, size, size + 1)))
+                w = b.param(f"cs{size}p{pad}_w", T((4, 3, 3, 3)), Init("normal", {"std": 0.3}))
+                return b.op("conv2d", [x, w], {"padding": (pad, pad), "stride": (1 + size % 2, 1)})
+
+            @case(f"pool_{size}x{size}_pad{pad}")
+            def _(b, size=size, pad=pad):
+                x = b.input(f"ps{size}p{pad}_x", T((1, 2, size, size + 1)))
+                y = b.op("max_pool2d", [x], {"kernel": (3, 3), "stride": (1 + size % 2, 1), "padding": (1, 1)})
+                z = b.op("avg_pool2d", [x], {"kernel": (pad + 1, 3), "stride": (1, 2), "padding": (pad // 2, 1)})
+                return b.op("add", [b.op("sum", [y]), b.op("sum", [z])])
+
     @case("conv_pointwise_residual")
     def _(b):
         x = b.input("cp_x", T((2, 5, 6, 7)))

@@ -116,7 +116,22 @@ def classification_batches(shape, classes, seed=0):
     return lambda step: ((data[step % 4][0],), data[step % 4][1])
 
 
-@pytest.mark.parametrize("optimizer", [None, ("adamw", {"lr": 1e-3, "weight_decay": 0.01})])
+def teacher_batches(shape, classes, seed=0, n=8):
+    """n batches labelled by a fixed random linear teacher (learnable, unlike random labels)."""
+    rng = np.random.default_rng(seed)
+    proj = rng.standard_normal((int(np.prod(shape[1:])), classes)).astype(np.float32)
+    data = []
+    for _ in range(n):
+        x = rng.standard_normal(shape).astype(np.float32)
+        data.append((x, np.argmax(x.reshape(shape[0], -1) @ proj, axis=1)))
+    return lambda step: ((data[step % n][0],), data[step % n][1])
+
+
+# The data and learning rates below keep training out of the chaotic regime, where the last bit decides:
+# LeNet with lr=0.05 on 4 random-label batches makes torch f32 and torch f64 themselves differ by 2e-3 by
+# step 80, and AdamW at lr=1e-3 on the random-label MLP meets a ReLU pre-activation of 1.3e-7 (inside f32
+# rounding of zero) at step 2. In these settings torch f32 agrees with torch f64 to ~1e-6.
+@pytest.mark.parametrize("optimizer", [None, ("adamw", {"lr": 3e-4, "weight_decay": 0.01})])
 def test_mlp_100_steps(optimizer):
     graph = nnc.parse(EXAMPLES / "mlp.nn", set={"B": 16})
     module = Mlp()
@@ -128,8 +143,7 @@ def test_mlp_100_steps(optimizer):
 def test_lenet_100_steps(optimizer):
     graph = nnc.parse(EXAMPLES / "lenet.nn", set={"B": 8})
     module = LeNet()
-    model, ours, theirs = train_both(graph, module, classification_batches((8, 1, 28, 28), 10), F.cross_entropy,
-                                     optimizer)
+    model, ours, theirs = train_both(graph, module, teacher_batches((8, 1, 28, 28), 10), F.cross_entropy, optimizer)
     assert_same_training(model, module, ours, theirs)
 
 
@@ -248,9 +262,10 @@ def test_batch_norm_training_matches_torch_train_mode():
         loss.backward()
         opt.step()
         assert ours == pytest.approx(loss.item(), rel=1e-4)
-    params = model.parameters()
-    running = {k: v for k, v in params.items() if "running" in k}
-    assert running, "batch-norm buffers should come across"
-    for name, value in running.items():
-        torch_name = next(n for n in reference.state_dict() if n.replace(".", "_") == name.replace(".", "_"))
-        np.testing.assert_allclose(value, reference.state_dict()[torch_name].numpy(), rtol=1e-4, atol=1e-5)
+    ours_state = model.state_dict()
+    assert {"1.running_mean", "1.running_var"} <= set(ours_state), "batch-norm buffers should come across"
+    for name, value in reference.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        np.testing.assert_allclose(ours_state[name].numpy(), value.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+    net.load_state_dict(ours_state, strict=False)   # trained weights go back into the torch module

@@ -44,6 +44,8 @@ REQUIRED_EXAMPLES = {
     ("fused", "body"): (("relu", ("x0",), ()),),
     ("full", "shape"): (2, 3), ("full", "value"): 0, ("embedding_grad", "vocab"): 10,
     ("slice_scatter", "shape"): (4, 6), ("slice_scatter", "axis"): 1,
+    ("conv2d_grad_input", "input_shape"): (1, 3, 8, 8), ("conv2d_grad_weight", "weight_shape"): (4, 3, 3, 3),
+    ("max_pool2d_grad", "kernel"): 2, ("avg_pool2d_grad", "input_shape"): (1, 2, 6, 6), ("avg_pool2d_grad", "kernel"): 2,
 }
 
 
