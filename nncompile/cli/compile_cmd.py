@@ -36,19 +36,25 @@ def add_arguments(parser) -> None:
     parser.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
                         help="print the IR after a pass (prune, fuse, plan_memory, all)")
     parser.add_argument("--benchmark", type=int, default=0, metavar="N",
-                        help="after compiling, run N times on random inputs and report the median latency")
+                        help="after compiling, run N times on random inputs and report the median latency "
+                             "(with --train: N training steps on one random batch, with the loss before and after)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON on the last line")
 
 
-def random_inputs(model, seed: int = 0) -> list[np.ndarray]:
+def random_arrays(types, seed: int = 0) -> list[np.ndarray]:
+    """Standard-normal floats; integers in [0, 2) (valid token ids and class labels for any model)."""
     rng = np.random.default_rng(seed)
     arrays = []
-    for t in model.input_types:
+    for t in types:
         if t.dtype.startswith("i"):
             arrays.append(rng.integers(0, 2, t.shape).astype(np.dtype("int64" if t.dtype == "i64" else "int32")))
         else:
             arrays.append(rng.standard_normal(t.shape).astype(np.float32))
     return arrays
+
+
+def random_inputs(model, seed: int = 0) -> list[np.ndarray]:
+    return random_arrays(model.input_types, seed)
 
 
 def run(args) -> int:
@@ -61,8 +67,6 @@ def run(args) -> int:
     path = Path(args.model)
     if not path.exists():
         raise InputError(f"{args.model}: no such file")
-    if args.train:
-        raise UnsupportedError("--train: compiling the training step is not available in this version")
     if args.memory_budget is not None:
         raise UnsupportedError("--memory-budget needs recomputation planning for training, not available in this version")
     if args.threads is not None and args.threads < 1:
@@ -75,7 +79,15 @@ def run(args) -> int:
         target=args.target, build=BuildOptions(march=args.march), threads=args.threads,
         pipeline=PipelineOptions(memory=MemoryOptions(time_limit=args.time_limit),
                                  print_ir_after=tuple(args.print_ir_after)))
-    model = compile_graph(graph, options, out_dir=args.out, progress=progress.update)
+    train = None
+    if args.train:
+        from nncompile.driver import TrainOptions
+
+        if graph.train is None:
+            raise InputError(f"{path}: --train needs a 'train {{ ... }}' section in model '{graph.name}' "
+                             "(a loss and an optimizer; see docs/language.md)")
+        train = TrainOptions.from_graph(graph)
+    model = compile_graph(graph, options, out_dir=args.out, progress=progress.update, train=train)
     progress.done("compiled")
     seconds = time.perf_counter() - start
     figures = model.manifest["figures"]
@@ -96,7 +108,28 @@ def run(args) -> int:
     print(f"  params:  {summary['params']:,} ({summary['param_bytes']:,} bytes)")
     print(f"  arena:   {summary['arena_bytes']:,} bytes (lower bound {summary['arena_lower_bound']:,}); "
           f"{summary['fused_groups']} fused groups")
-    if args.benchmark:
+    if train is not None:
+        spec = model.manifest["train"]
+        train_memory = (model.plan.get("train") or {}).get("memory", {})
+        summary["train"] = {"loss": spec["loss"], "optimizer": spec["optimizer"]["name"],
+                            "hyper": spec["optimizer"]["hyper"], "inputs": [i[0] for i in model._trainer.inputs],
+                            "arena_bytes": spec["arena_bytes"], "arena_lower_bound": train_memory.get("lower_bound"),
+                            "trainable_bytes": spec["trainable_bytes"]}
+        hyper = ", ".join(f"{k}={v}" for k, v in spec["optimizer"]["hyper"].items())
+        print(f"  train:   loss '{spec['loss']}', {spec['optimizer']['name']}({hyper}); "
+              f"arena {spec['arena_bytes']:,} bytes (lower bound {train_memory.get('lower_bound', 0):,})")
+    if args.benchmark and train is not None:
+        batch = random_arrays([t for _, t in model._trainer.inputs])
+        losses, times = [], []
+        for _ in range(args.benchmark):
+            t0 = time.perf_counter()
+            losses.append(model.train_step(*batch))
+            times.append(time.perf_counter() - t0)
+        summary["median_train_step_ms"] = round(float(np.median(times)) * 1e3, 4)
+        summary["loss_first"], summary["loss_last"] = losses[0], losses[-1]
+        print(f"  train step: {summary['median_train_step_ms']} ms median over {args.benchmark} steps; "
+              f"loss {losses[0]:.4f} -> {losses[-1]:.4f} on one random batch")
+    elif args.benchmark:
         inputs = random_inputs(model)
         model(*inputs)
         times = []

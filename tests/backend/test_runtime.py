@@ -171,3 +171,38 @@ def test_cli_errors_exit_2(tmp_path):
     assert "bad.nn:3:" in result.stderr and "Traceback" not in result.stderr
     assert run_cli(str(tmp_path / "none.nn")).returncode == 2
     assert run_cli(str(bad), "--set", "B").returncode == 2
+
+
+TRAIN_SOURCE = SOURCE.replace("    output y\n}", """    output y
+    train {
+        input labels: i64[B]
+        loss = cross_entropy(y, labels)
+        optimizer adam(lr=0.01)
+    }
+}""")
+
+
+def test_cli_train_builds_a_training_module_that_loads_and_learns(tmp_path):
+    src = tmp_path / "small.nn"
+    src.write_text(TRAIN_SOURCE)
+    out = tmp_path / "out"
+    result = run_cli(str(src), "--train", "-o", str(out), "--benchmark", "30", "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["train"]["optimizer"] == "adam" and figures["train"]["inputs"] == ["x", "labels"]
+    assert figures["loss_last"] < 0.5 * figures["loss_first"]      # one batch, 30 Adam steps: memorized
+    m = nnc.load(out)
+    rng = np.random.default_rng(0)
+    x, labels = rng.standard_normal((4, 12)).astype(np.float32), rng.integers(0, 3, 4)
+    before = m(x).copy()
+    losses = [m.train_step(x, labels) for _ in range(10)]
+    assert losses[-1] < losses[0] and not np.allclose(m(x), before)
+    assert (out / "kernels_train.cpp").exists() and (out / "graph_train.ir").exists()
+
+
+def test_cli_train_without_a_training_section_exits_2(tmp_path):
+    src = tmp_path / "small.nn"
+    src.write_text(SOURCE)
+    result = run_cli(str(src), "--train", "-o", str(tmp_path / "o"))
+    assert result.returncode == 2 and "needs a 'train { ... }' section" in result.stderr
+    assert "Traceback" not in result.stderr
