@@ -1,0 +1,81 @@
+"""torch.compile(model, backend="nncompile"): Dynamo's graphs compiled to native modules."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as tnn
+import torch.nn.functional as F
+
+from nncompile.torch_backend import EagerFallbackWarning, make_backend
+
+pytestmark = pytest.mark.backend
+
+
+class SmallCnn(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = tnn.Conv2d(3, 8, 3, padding=1)
+        self.bn = tnn.BatchNorm2d(8)
+        self.fc = tnn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        return F.log_softmax(self.fc(x.flatten(1)), dim=-1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_string_backend_compiles_without_falling_back():
+    torch.manual_seed(0)
+    net = SmallCnn().eval()
+    compiled = torch.compile(net, backend="nncompile", dynamic=False)
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EagerFallbackWarning)
+        with torch.inference_mode():
+            got, want = compiled(x), net(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_weights_changed_in_torch_are_seen_and_new_shapes_recompile():
+    torch.manual_seed(1)
+    net = tnn.Sequential(tnn.Linear(12, 32), tnn.GELU(), tnn.Linear(32, 3)).eval()
+    compiled = torch.compile(net, backend=make_backend(strict=True), dynamic=False)
+    with torch.no_grad():
+        x = torch.randn(4, 12)
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-5)
+        net[0].weight.mul_(-0.5)
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-5)
+        y = torch.randn(7, 12)
+        torch.testing.assert_close(compiled(y), net(y), rtol=1e-4, atol=1e-5)
+
+
+def test_calls_that_need_gradients_run_eagerly_with_a_warning():
+    torch.manual_seed(2)
+    net = tnn.Sequential(tnn.Linear(6, 6), tnn.Tanh())
+    compiled = torch.compile(net, backend="nncompile", dynamic=False)
+    x = torch.randn(3, 6)
+    with pytest.warns(EagerFallbackWarning, match="needs gradients"):
+        out = compiled(x)
+    out.sum().backward()
+    assert net[0].weight.grad is not None and out.requires_grad
+
+
+def test_unsupported_graph_falls_back_or_raises_when_strict():
+    def f(x):
+        return torch.cumsum(x, 1) * 2
+
+    x = torch.randn(3, 5)
+    with pytest.warns(EagerFallbackWarning, match="cumsum"):
+        got = torch.compile(f, backend="nncompile", dynamic=False)(x)
+    torch.testing.assert_close(got, f(x))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="cumsum"):
+        torch.compile(f, backend=make_backend(strict=True), dynamic=False)(x)
