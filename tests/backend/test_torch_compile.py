@@ -68,14 +68,21 @@ def test_calls_that_need_gradients_run_eagerly_with_a_warning():
     assert net[0].weight.grad is not None and out.requires_grad
 
 
-def test_unsupported_graph_falls_back_or_raises_when_strict():
+def test_unsupported_ops_run_eagerly_and_the_parts_around_them_compile():
+    torch.manual_seed(3)
+    lin1, lin2 = tnn.Linear(5, 16), tnn.Linear(16, 4)
+
     def f(x):
-        return torch.cumsum(x, 1) * 2
+        h = torch.relu(lin1(x))
+        h = torch.cumsum(h, 1)           # no IR op: stays in torch
+        return torch.tanh(lin2(h)) * 2
 
     x = torch.randn(3, 5)
-    with pytest.warns(EagerFallbackWarning, match="cumsum"):
-        got = torch.compile(f, backend="nncompile", dynamic=False)(x)
-    torch.testing.assert_close(got, f(x))
+    compiled = torch.compile(f, backend="nncompile", dynamic=False)
+    with torch.no_grad():
+        with pytest.warns(EagerFallbackWarning, match=r"cumsum.*\(2 compiled parts around them\)"):
+            got = compiled(x)
+        torch.testing.assert_close(got, f(x), rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="cumsum"):
+    with pytest.raises(Exception, match="unsupported torch ops: torch.cumsum"):
         torch.compile(f, backend=make_backend(strict=True), dynamic=False)(x)
