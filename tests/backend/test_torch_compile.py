@@ -86,3 +86,40 @@ def test_unsupported_ops_run_eagerly_and_the_parts_around_them_compile():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="unsupported torch ops: torch.cumsum"):
         torch.compile(f, backend=make_backend(strict=True), dynamic=False)(x)
+
+
+@pytest.mark.parametrize("norm_first, activation", [(False, "relu"), (True, "gelu")])
+def test_transformer_encoder_layer_compiled_matches_torch(norm_first, activation):
+    import nncompile as nnc
+
+    torch.manual_seed(4)
+    layer = tnn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, dropout=0.0, batch_first=True,
+                                        norm_first=norm_first, activation=activation).eval()
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        want = layer(x)
+        got = nnc.compile(layer, (x,))(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_two_processes_compiling_one_model_into_one_cache_both_succeed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "build.py"
+    script.write_text(
+        "import numpy as np, nncompile as nnc\n"
+        "g = nnc.parse_text('model race {\\n input x: f32[3, 40]\\n y = Linear(x, 24) |> tanh\\n output y\\n}\\n')\n"
+        "m = nnc.compile(g)\n"
+        "print(float(np.abs(m(np.ones((3, 40), np.float32))).sum()))\n")
+    env = dict(os.environ, NNCOMPILE_CACHE_DIR=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    for out, err, code in results:
+        assert code == 0, err
+    assert results[0][0] == results[1][0]
+    modules = list((tmp_path / "cache").rglob("*.so"))
+    assert len(modules) == 1, modules          # one build, atomically renamed into place; no leftovers
+    assert not list((tmp_path / "cache").rglob("*.tmp*"))
