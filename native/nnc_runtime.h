@@ -7,6 +7,7 @@
 //   nnc_gemm.h       sgemm / sgemm_batched with fused epilogue (nnc_gemm_kernels.h: packing, kernels)
 //   nnc_conv.h       conv2d (im2col + GEMM), col2im and conv backward, max / avg / global pooling
 //   nnc_attention.h  fused scaled-dot-product attention
+//   nnc_sparse.h     linear layers with a fixed weight sparsity pattern (CSR baked into the code)
 // Compile with: g++ -O3 -fopenmp -march=x86-64-v3 -std=c++17 -I native ...
 #pragma once
 
@@ -20,3 +21,4 @@
 #include "nnc_gemm.h"
 #include "nnc_conv.h"
 #include "nnc_attention.h"
+#include "nnc_sparse.h"

@@ -146,10 +146,13 @@ def differentiate(graph: Graph, loss: str, wrt: list[str]) -> tuple[GraphBuilder
         if out_grad is None:
             continue
         opdef = get_op(node.op)
-        if opdef.vjp is None:
+        vjp = opdef.vjp
+        if node.op == "linear" and graph.type_of(node.inputs[1]).sparsity is not None:
+            from nncompile.ops.sparse import vjp_sparse_linear as vjp   # dW on the fixed pattern only
+        if vjp is None:
             raise UnsupportedError(f"cannot differentiate through op '{node.op}' (it has no vjp rule)", node.loc)
         try:
-            in_grads = opdef.vjp(GradContext(b, node), node, out_grad, *node.inputs)
+            in_grads = vjp(GradContext(b, node), node, out_grad, *node.inputs)
         except NNError as err:
             raise err.with_loc(node.loc)
         for src, g in zip(node.inputs, in_grads):
@@ -164,6 +167,10 @@ def differentiate(graph: Graph, loss: str, wrt: list[str]) -> tuple[GraphBuilder
         if g is None:
             g = b.op("full", [], {"shape": graph.type_of(name).shape, "value": 0.0, "dtype": graph.type_of(name).dtype},
                      name=f"d_{name}_zero")
+        producer = next((n.op for n in reversed(b.nodes) if n.name == g), "")
+        if graph.type_of(name).sparsity is not None and producer != "sparse_weight_grad":
+            from nncompile.ops import sparse  # noqa: F401  (defines sparse_mask)
+            g = b.op("sparse_mask", [g, name], name=f"d_{name}_masked")   # the pattern never changes
         grads[name] = g
     return b, grads
 

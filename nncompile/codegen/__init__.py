@@ -7,9 +7,10 @@ def register_rules() -> None:
     """Attach the C++ emit rules to the op table (once)."""
     global _registered
     if not _registered:
-        from nncompile.codegen import cpp_ops, cpp_ops_grad, cpp_ops_nn
+        from nncompile.codegen import cpp_ops, cpp_ops_grad, cpp_ops_nn, cpp_sparse
 
         cpp_ops.register()
         cpp_ops_nn.register()
         cpp_ops_grad.register()
+        cpp_sparse.register()
         _registered = True

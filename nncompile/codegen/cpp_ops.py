@@ -263,10 +263,16 @@ def gemm_call(ctx: CppContext, op: str, args: list[str], attrs: dict, out_ptr: s
             raise BuildError(f"{op}: the C++ backend's GEMM needs f32 inputs, got {t.dtype}", ctx.node.loc)
     ptrs = [ctx.ptr(a) for a in args]
     if op == "linear":
+        if types[1].sparsity is not None:   # a fixed pattern: the sparse kernel when the chooser picks it
+            from nncompile.codegen.cpp_sparse import sparse_linear_call
+
+            found = sparse_linear_call(ctx, args, out_ptr, epi) or []
+            if len(found) > 1:
+                return found
         x, w = types[0], types[1]
         k, n = x.shape[-1], w.shape[0]
         m = x.numel // k if k else 0
-        lines = []
+        lines = found if types[1].sparsity is not None else []
         if len(args) == 3:
             lines.append(f"{epi}.col_bias = {ptrs[2]};")
         lines.append(f"nnc::sgemm(false, true, {m}, {n}, {k}, {ptrs[0]}, {k}, {ptrs[1]}, {k}, {out_ptr}, {n}, 0.0f, {epi});")
