@@ -17,6 +17,7 @@ from nncompile.parallel.search import SearchOptions, search
 from nncompile.parallel.strategy import Strategy
 
 GALVATRON = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "galvatron"
+CLUSTERS = Path(__file__).resolve().parents[2] / "nncompile" / "parallel" / "clusters"
 needs_data = pytest.mark.skipif(not GALVATRON.is_dir(), reason="../shared/datasets/galvatron not present")
 
 CASES = [("gpt", "gpt-1.5b", "2x8-40gb"), ("gpt", "gpt-2.7b", "2x8-40gb"),
@@ -122,6 +123,32 @@ def test_shipped_clusters_resolve_the_dataset_tables():
     assert c.overlap_coe == pytest.approx(1.125552573612729)
     assert load_cluster("1x8-36gb").memory_mb == 36864
     assert load_cluster("cpu4-gloo").num_devices == 4
+
+
+@needs_data
+def test_shipped_clusters_carry_the_dataset_tables_verbatim():
+    """The shipped files inline Galvatron's measured tables (an installed package has no dataset)."""
+    hardware = GALVATRON / "hardware"
+    for name, tag in (("2x8-40gb", "2nodes_8gpus_per_node"), ("1x8-36gb", "1nodes_8gpus_per_node")):
+        shipped = json.loads((CLUSTERS / f"{name}.json").read_text())
+        assert shipped["allreduce_bandwidth"] == json.loads((hardware / f"allreduce_bandwidth_{tag}.json").read_text())
+        assert shipped["p2p_bandwidth"] == json.loads((hardware / f"p2p_bandwidth_{tag}.json").read_text())
+        assert shipped["overlap_coefficient"] == json.loads((hardware / "overlap_coefficient.json").read_text())["overlap_coe"]
+
+
+def test_shipped_clusters_load_from_anywhere(tmp_path):
+    """Copied away from the source tree (as in site-packages), every shipped cluster still loads."""
+    import importlib.resources
+    import shutil
+
+    names = sorted(p.name for p in importlib.resources.files("nncompile.parallel").joinpath("clusters").iterdir()
+                   if p.name.endswith(".json"))
+    assert names == ["1x8-36gb.json", "2x8-40gb.json", "cpu4-gloo.json"]
+    for name in names:
+        shutil.copy(CLUSTERS / name, tmp_path / name)
+        here = load_cluster(name[:-len(".json")])
+        away = load_cluster(tmp_path / name)
+        assert away == here and away.num_devices in (4, 8, 16)
 
 
 @needs_data
