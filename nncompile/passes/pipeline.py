@@ -2,7 +2,8 @@
 
     graph, reports, plan = run_pipeline(graph, PipelineOptions())
 
-Inference: verify -> prune to the outputs -> fuse -> plan memory (with each kernel's scratch).
+verify -> prune to the outputs -> fuse -> schedule (a topological order with a lower memory peak)
+-> plan memory (with each kernel's scratch). The same list for inference and training graphs.
 """
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from nncompile.ir.verify import verify
 from nncompile.passes.base import PassReport
 from nncompile.passes.fuse import FuseOptions, fuse
 from nncompile.passes.plan_memory import MemoryOptions, MemoryPlan, plan_memory
+from nncompile.passes.schedule import ScheduleOptions, schedule
 
 
 @dataclass(frozen=True)
 class PipelineOptions:
     fuse: FuseOptions = field(default_factory=FuseOptions)
+    schedule: ScheduleOptions = field(default_factory=ScheduleOptions)
     memory: MemoryOptions = field(default_factory=MemoryOptions)
     verify_each: bool = False
     print_ir_after: tuple[str, ...] = ()
@@ -42,6 +45,9 @@ def run_pipeline(graph: Graph, options: PipelineOptions = PipelineOptions(), wor
     reports.append(report)
     _after("fuse", graph, options)
     workspace = {n.name: workspace_fn(graph, n) for n in graph.nodes} if workspace_fn else {}
+    graph, report = schedule(graph, options.schedule, workspace)
+    reports.append(report)
+    _after("schedule", graph, options)
     graph, report = plan_memory(graph, options.memory, workspace, layout)
     reports.append(report)
     _after("plan_memory", graph, options)
