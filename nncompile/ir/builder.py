@@ -110,8 +110,9 @@ class GraphBuilder:
             for src in inputs:
                 if src not in self._types:
                     raise NameError_(f"{op}: no value named '{src}'")
-            bound = opdef.bind_attrs(attrs or {})
-            in_types = opdef.split_inputs([self._types[s] for s in inputs])
+            types = [self._types[s] for s in inputs]
+            bound = opdef.bind_attrs(attrs or {}, types)
+            in_types = opdef.split_inputs(types)
             out_type = opdef.infer(*in_types, **bound)
         except NNError as err:
             raise err.with_loc(loc)

@@ -18,7 +18,7 @@ import math
 import re
 from typing import Any
 
-from nncompile.errors import ParseError, SourceLoc
+from nncompile.errors import NNError, ParseError, SourceLoc
 from nncompile.ir.graph import Attrs, Graph, Init, Input, Node, Param, TrainSpec
 from nncompile.ir.types import Sparsity, TensorType
 
@@ -78,7 +78,7 @@ _TOKEN = re.compile(r"""
     (?P<ws>[ \t]+|\#[^\n]*)
   | (?P<nl>\n)
   | (?P<string>"(?:[^"\\]|\\.)*")
-  | (?P<number>-?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\.\d+(?:[eE][-+]?\d+)?|\d+)|-?inf\b|nan\b)
+  | (?P<number>-?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\.\d+(?:[eE][-+]?\d+)?|\d+)|-?inf(?![\w.])|nan(?![\w.]))
   | (?P<name>[A-Za-z_][A-Za-z0-9_.]*)
   | (?P<punct>[{}()\[\]:,=@;])
 """, re.X)
@@ -122,6 +122,27 @@ class _Reader:
         self.i += 1
         return text
 
+    def name(self) -> str:
+        """A value name: any identifier, keywords included, and the names ``inf`` / ``nan``."""
+        kind, text, _, _ = self.tokens[self.i]
+        if kind == "name" or (kind == "number" and text in ("inf", "nan")):
+            self.i += 1
+            return text
+        raise self.error("expected a name")
+
+    def located(self, start: int, build):
+        """``build()``, with a semantic error (bad dtype, dimension, sparsity) located at token ``start``."""
+        try:
+            return build()
+        except ParseError:
+            raise
+        except NNError as err:
+            _, _, line, col = self.tokens[start]
+            raise err.with_loc(self.error_at(err.message, line, col).loc) from None
+        except (TypeError, ValueError) as err:
+            _, _, line, col = self.tokens[start]
+            raise self.error_at(str(err), line, col) from None
+
     def accept(self, value: str) -> bool:
         if self.peek(value):
             self.i += 1
@@ -163,6 +184,10 @@ class _Reader:
         return found
 
     def tensor_type(self) -> TensorType:
+        start = self.i
+        return self.located(start, lambda: self._tensor_type(start))
+
+    def _tensor_type(self, start: int) -> TensorType:
         dtype = self.take(kind="name")
         self.take("[")
         dims = []
@@ -199,14 +224,39 @@ def parse_graph(text: str, weights: dict | None = None, filename: str = "<ir>") 
     name = r.take(kind="name")
     r.take("{")
     inputs, params, nodes, outputs, train = [], [], [], [], None
+    defined: set[str] = set()
+
+    def define(start: int, value_name: str) -> str:
+        if value_name in defined:
+            _, _, line, col = r.tokens[start]
+            raise r.error_at(f"'{value_name}' is defined twice", line, col)
+        defined.add(value_name)
+        return value_name
+
     while not r.accept("}"):
-        if r.accept("input"):
-            value_name = r.take(kind="name")
+        start = r.i
+        if r.i + 1 < len(r.tokens) and r.tokens[r.i + 1][1] == "=" and r.tokens[r.i][0] in ("name", "number"):
+            value_name = define(start, r.name())
+            r.take("=")
+            op = r.take(kind="name")
+            r.take("(")
+            args = []
+            while not r.accept(")"):
+                args.append(r.name())
+                if not r.accept(","):
+                    r.take(")")
+                    break
+            attrs = r.kwargs("}") if r.accept("{") else {}
+            r.take(":")
+            type_ = r.tensor_type()
+            nodes.append(Node(value_name, op, tuple(args), Attrs(attrs), type_, r.loc()))
+        elif r.accept("input"):
+            value_name = define(start, r.name())
             r.take(":")
             inputs.append(Input(value_name, r.tensor_type(), r.loc()))
         elif r.peek("param") or r.peek("buffer"):
             trainable = r.take(kind="name") == "param"
-            value_name = r.take(kind="name")
+            value_name = define(start, r.name())
             r.take(":")
             type_ = r.tensor_type()
             r.take("=")
@@ -215,32 +265,19 @@ def parse_graph(text: str, weights: dict | None = None, filename: str = "<ir>") 
             init = Init(kind, r.kwargs(")"))
             params.append(Param(value_name, type_, init, trainable, r.loc()))
         elif r.accept("output"):
-            outputs.append(r.take(kind="name"))
+            outputs.append(r.name())
             while r.accept(","):
-                outputs.append(r.take(kind="name"))
+                outputs.append(r.name())
         elif r.accept("train"):
             spec = {}
             for key in ("loss", "labels", "optimizer"):
                 r.take(key)
                 r.take("=")
-                spec[key] = r.value() if key == "labels" else r.take(kind="name")
+                spec[key] = r.value() if key == "labels" else r.name()
             hyper = r.kwargs("}") if r.accept("{") else {}
             train = TrainSpec(spec["loss"], tuple(spec["labels"]), spec["optimizer"], Attrs(hyper))
         else:
-            value_name = r.take(kind="name")
-            r.take("=")
-            op = r.take(kind="name")
-            r.take("(")
-            args = []
-            while not r.accept(")"):
-                args.append(r.take(kind="name"))
-                if not r.accept(","):
-                    r.take(")")
-                    break
-            attrs = r.kwargs("}") if r.accept("{") else {}
-            r.take(":")
-            type_ = r.tensor_type()
-            nodes.append(Node(value_name, op, tuple(args), Attrs(attrs), type_, r.loc()))
+            raise r.error("expected input, param, buffer, output, train or NAME = op(...)")
     r.take(kind="eof")
     return Graph(name, tuple(inputs), tuple(params), tuple(nodes), tuple(outputs), train, weights or {})
 

@@ -125,7 +125,8 @@ class Sparsity:
             return f"block(bh={self.block[0]}, bw={self.block[1]}, density={self.density!r}, seed={self.seed})"
         if self.kind == "nm":
             return f"nm(n={self.n}, m={self.m}, seed={self.seed})"
-        return f"mask(path={self.path!r})"
+        quoted = '"' + str(self.path).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return f"mask(path={quoted})"
 
 
 @dataclass(frozen=True)

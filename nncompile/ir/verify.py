@@ -30,7 +30,7 @@ def verify(graph: Graph) -> Graph:
         try:
             opdef = get_op(node.op)
             opdef.check_arity(len(node.inputs))
-            bound = opdef.bind_attrs(dict(node.attrs))
+            bound = opdef.bind_attrs(dict(node.attrs), [defined[s] for s in node.inputs])
             if bound != dict(node.attrs):
                 raise VerifyError(f"attributes {dict(node.attrs)} are not canonical (expected {bound})")
             expected = opdef.infer(*opdef.split_inputs([defined[s] for s in node.inputs]), **bound)

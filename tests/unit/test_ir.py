@@ -348,7 +348,6 @@ def test_sparsity_errors_and_mask_files(tmp_path):
 
 # known gaps of the text form (reported to the IR owner; strict: these start failing once fixed) ---
 
-@pytest.mark.xfail(strict=True, reason="ir/text.py: value names that are statement keywords or inf/nan do not parse")
 @pytest.mark.parametrize("name", ["output", "input", "param", "train", "inf", "nan", "inf.weight"])
 def test_value_names_that_look_like_keywords_round_trip(name):
     g = GraphBuilder()
@@ -358,7 +357,6 @@ def test_value_names_that_look_like_keywords_round_trip(name):
     assert graphs_equal(parse_graph(print_graph(graph)), graph)
 
 
-@pytest.mark.xfail(strict=True, reason="ir/types.py: Sparsity('mask').__str__ quotes the path with repr")
 def test_mask_sparsity_round_trips():
     g = GraphBuilder()
     g.output(g.input("x", TensorType((2, 2), sparsity=Sparsity("mask", path="masks/w.npy"))))
@@ -366,7 +364,6 @@ def test_mask_sparsity_round_trips():
     assert graphs_equal(parse_graph(print_graph(graph)), graph)
 
 
-@pytest.mark.xfail(strict=True, reason="ir/text.py: type/sparsity/duplicate-name errors in IR text have no line:col")
 @pytest.mark.parametrize("text, line", [
     ("graph g {\n  input x: f12[2]\n}\n", 2),
     ("graph g {\n  input x: f32[-2]\n}\n", 2),
