@@ -47,23 +47,27 @@ def from_fx(graph_module, example_inputs) -> Graph:
 
 def compile(model, example_inputs=None, train: bool = False, loss=None, optimizer=None, target: str = "cpu",
             memory_budget=None, out_dir=None, *, weights=None, threads=None, march: str = "x86-64-v3",
-            verbose: bool = False) -> CompiledModel:
+            verbose: bool = False, recompute: str = "fast") -> CompiledModel:
     """Compile a Graph (or a torch module, with ``example_inputs``) into a native CompiledModel.
 
     ``train=True`` also compiles the training step (``m.train_step(x, labels)``): the loss is the
     graph's training section, or ``loss="cross_entropy"`` (class indices) / ``"mse"`` applied to the
     model's single output; ``optimizer=("sgd" | "adam" | "adamw", {hyper-parameters})``.
+    ``memory_budget`` (with ``train=True``): the training step's arena must fit it — bytes, or a
+    fraction of the no-recompute arena (``"60%"``, ``0.6``, ``"8MB"``); forward values are recomputed
+    in the backward pass to fit (``recompute="fast" | "exact"``, or the baselines ``"every_layer"`` /
+    ``"sqrt_n"``); an infeasible budget raises ``MemoryBudgetError`` with the smallest feasible one.
     """
     from nncompile.codegen.build import BuildOptions
     from nncompile.driver import CompileOptions, compile_graph
-    from nncompile.errors import InputError, UnsupportedError
+    from nncompile.errors import InputError
 
     if not isinstance(model, Graph):
         if example_inputs is None:
             raise InputError("compiling a torch module needs example_inputs")
         model = from_torch(model, tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,))
-    if memory_budget is not None:
-        raise UnsupportedError("memory_budget needs recomputation planning, not available in this version")
+    if (memory_budget is not None or recompute != "fast") and not train:
+        raise InputError("memory_budget= and recompute= apply to the training step: they need train=True")
     train_options = None
     if train:
         from nncompile.autodiff import with_loss
@@ -77,5 +81,6 @@ def compile(model, example_inputs=None, train: bool = False, loss=None, optimize
         train_options = TrainOptions.from_graph(model, optimizer, loss)
     elif loss is not None or optimizer is not None:
         raise InputError("loss= and optimizer= need train=True")
-    options = CompileOptions(target=target, build=BuildOptions(march=march), threads=threads, verbose=verbose)
+    options = CompileOptions(target=target, build=BuildOptions(march=march), threads=threads, verbose=verbose,
+                             memory_budget=memory_budget, recompute=recompute)
     return compile_graph(model, options, weights=weights, out_dir=out_dir, train=train_options)

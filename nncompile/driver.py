@@ -55,6 +55,8 @@ class CompileOptions:
     threads: int | None = None
     seed: int = 0
     verbose: bool = False
+    memory_budget: object = None      # training arena budget: bytes, "60%", 0.6, "8MB" (passes/recompute.py)
+    recompute: str = "fast"           # fast | exact | every_layer | sqrt_n
 
 
 def _type_json(name: str, t) -> dict:
@@ -123,7 +125,17 @@ def compile_graph(graph: Graph, options: CompileOptions = CompileOptions(), *, w
         say("differentiating")
         tg = training_graph(graph, train.loss)
         t0 = time.perf_counter()
-        training = _build(tg.graph, options, layout, True, say)
+        train_graph, recompute = tg.graph, None
+        if options.memory_budget is not None or options.recompute != "fast":
+            from nncompile.passes.recompute import RecomputeOptions, check_planned_arena, fit_memory_budget
+
+            say("choosing what to recompute")
+            train_graph, recompute = fit_memory_budget(tg.graph, options.memory_budget, options.pipeline, layout,
+                                                       RecomputeOptions(method=options.recompute), progress=say)
+        training = _build(train_graph, options, layout, True, say)
+        if recompute is not None:
+            check_planned_arena(recompute, training.plan.arena_bytes)
+            training.reports.insert(0, recompute)
         timings["train_build_s"] = time.perf_counter() - t0
         timings["train_cache_hit"] = training.cache_hit
         trainable = [p for p in graph.params if p.trainable and p.type.dtype == "f32"]

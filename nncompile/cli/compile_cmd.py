@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from nncompile.cli.common import Progress, print_json
-from nncompile.errors import InputError, UnsupportedError
+from nncompile.errors import InputError
 
 
 def parse_sets(items: list[str]) -> dict[str, int]:
@@ -67,8 +67,8 @@ def run(args) -> int:
     path = Path(args.model)
     if not path.exists():
         raise InputError(f"{args.model}: no such file")
-    if args.memory_budget is not None:
-        raise UnsupportedError("--memory-budget needs recomputation planning for training, not available in this version")
+    if args.memory_budget is not None and not args.train:
+        raise InputError("--memory-budget bounds the training step's arena: it needs --train")
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
     progress = Progress(f"nncompile {path.name}")
@@ -78,7 +78,8 @@ def run(args) -> int:
     options = CompileOptions(
         target=args.target, build=BuildOptions(march=args.march), threads=args.threads,
         pipeline=PipelineOptions(memory=MemoryOptions(time_limit=args.time_limit),
-                                 print_ir_after=tuple(args.print_ir_after)))
+                                 print_ir_after=tuple(args.print_ir_after)),
+        memory_budget=args.memory_budget)
     train = None
     if args.train:
         from nncompile.driver import TrainOptions
@@ -118,6 +119,12 @@ def run(args) -> int:
         hyper = ", ".join(f"{k}={v}" for k, v in spec["optimizer"]["hyper"].items())
         print(f"  train:   loss '{spec['loss']}', {spec['optimizer']['name']}({hyper}); "
               f"arena {spec['arena_bytes']:,} bytes (lower bound {train_memory.get('lower_bound', 0):,})")
+        recompute = spec["figures"].get("recompute")
+        if recompute is not None:
+            summary["train"]["recompute"] = recompute
+            print(f"  recompute: budget {recompute['budget_bytes']:,} bytes, planned arena {recompute['arena_bytes']:,} "
+                  f"(no recompute {recompute['no_recompute_arena_bytes']:,}); {recompute['recomputed_nodes']} nodes "
+                  f"recomputed, +{recompute['added_flops']:,} FLOPs ({recompute['flops_overhead']:.1%})")
     if args.benchmark and train is not None:
         batch = random_arrays([t for _, t in model._trainer.inputs])
         losses, times = [], []
