@@ -23,6 +23,10 @@ def check_inputs(graph: Graph, inputs: Mapping[str, np.ndarray]) -> None:
         shape = tuple(np.shape(inputs[item.name]))
         if shape != item.type.shape:
             raise InputError(f"input '{item.name}' has shape {list(shape)}, expected {item.type}")
+        kind = np.asarray(inputs[item.name]).dtype.kind
+        declared = "b" if item.type.dtype == "bool" else "i" if item.type.dtype.startswith("i") else "f"
+        if kind != declared and not (declared == "i" and kind == "u") and not (declared == "f" and kind in "iu"):
+            raise InputError(f"input '{item.name}' has dtype {np.asarray(inputs[item.name]).dtype}, expected {item.type}")
     extra = set(inputs) - set(graph.input_names)
     if extra:
         raise InputError(f"unexpected input '{sorted(extra)[0]}' (inputs are: {', '.join(graph.input_names)})")

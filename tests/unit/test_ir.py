@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import graphs, random_inputs
 
-from nncompile.errors import NameError_, NNError, ParseError, ShapeError, VerifyError
+from nncompile.errors import InputError, NameError_, NNError, ParseError, ShapeError, VerifyError
 from nncompile.ir import (Graph, GraphBuilder, Init, Node, Param, Sparsity, TensorType, TrainSpec, graphs_equal,
                           materialize, parse_graph, print_graph, prune, run, run_all, verify)
 from nncompile.ir.graph import Attrs
@@ -375,3 +375,17 @@ def test_semantic_errors_in_ir_text_are_located(text, line):
     with pytest.raises(NNError) as info:
         parse_graph(text, filename="bad.ir")
     assert info.value.loc is not None and (info.value.loc.file, info.value.loc.line) == ("bad.ir", line)
+
+
+def test_interpreter_rejects_inputs_of_the_wrong_kind():
+    g = GraphBuilder()
+    ids = g.input("ids", TensorType((3,), "i64"))
+    x = g.input("x", TensorType((3,)))
+    g.output(g.op("add", [x, g.op("cast", [ids], {"dtype": "f32"})]))
+    graph = g.build()
+    with pytest.raises(InputError, match=r"input 'ids' has dtype float64, expected i64\[3\]"):
+        run(graph, {"ids": np.zeros(3), "x": np.zeros(3, np.float32)})
+    with pytest.raises(InputError, match=r"input 'x' has dtype bool"):
+        run(graph, {"ids": np.zeros(3, np.int64), "x": np.zeros(3, bool)})
+    out = run(graph, {"ids": np.arange(3), "x": np.ones(3, np.float32)})
+    np.testing.assert_allclose(list(out.values())[0], [1, 2, 3])
