@@ -57,6 +57,7 @@ class CompileOptions:
     verbose: bool = False
     memory_budget: object = None      # training arena budget: bytes, "60%", 0.6, "8MB" (passes/recompute.py)
     recompute: str = "fast"           # fast | exact | every_layer | sqrt_n
+    cuda_arch: str | None = None      # target "cuda": sm_80, sm_90, ... (None: detected, else sm_80)
 
 
 def _type_json(name: str, t) -> dict:
@@ -101,8 +102,12 @@ def compile_graph(graph: Graph, options: CompileOptions = CompileOptions(), *, w
                   out_dir: str | Path | None = None, progress=None, train: TrainOptions | None = None) -> CompiledModel:
     """Compile ``graph`` for the CPU: an inference module and, with ``train``, a training-step module
     sharing one parameter block. ``weights`` default to the graph's initializers."""
+    if options.target == "cuda":
+        from nncompile.codegen.cuda_driver import compile_graph_cuda
+
+        return compile_graph_cuda(graph, options, weights=weights, out_dir=out_dir, progress=progress, train=train)
     if options.target != "cpu":
-        raise UnsupportedError(f"target '{options.target}' is not available in this build (only 'cpu')")
+        raise UnsupportedError(f"target '{options.target}' is not available in this build (only 'cpu' and 'cuda')")
     from nncompile.codegen import register_rules
 
     register_rules()

@@ -191,6 +191,10 @@ def load(path: str | Path) -> CompiledModel:
     if not manifest_path.exists():
         raise InputError(f"'{root}' holds no compiled model ({MANIFEST} not found)")
     manifest = json.loads(manifest_path.read_text())
+    if manifest.get("target") == "cuda":
+        from nncompile.runtime_cuda import load_cuda
+
+        return load_cuda(root, manifest)
     weights_path = root / manifest["weights_file"]
     module_path = root / manifest["module_file"]
     if not module_path.exists():

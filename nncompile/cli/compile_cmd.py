@@ -28,6 +28,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("-o", "--out", default="build", help="build directory (default: build/)")
     parser.add_argument("--train", action="store_true", help="compile the training step (forward + backward + update)")
     parser.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="code generation target")
+    parser.add_argument("--cuda-arch", default=None, metavar="SM",
+                        help="GPU architecture for --target cuda (sm_80, sm_90; default: the visible GPU, else sm_80)")
     parser.add_argument("--memory-budget", default=None, help="bytes, or a fraction of the unconstrained arena")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="bind a named dimension")
     parser.add_argument("--threads", type=int, default=None, help="threads the module uses at run time")
@@ -76,7 +78,7 @@ def run(args) -> int:
     progress.update("parsing")
     graph = parse(path, set=parse_sets(args.set))
     options = CompileOptions(
-        target=args.target, build=BuildOptions(march=args.march), threads=args.threads,
+        target=args.target, build=BuildOptions(march=args.march), threads=args.threads, cuda_arch=args.cuda_arch,
         pipeline=PipelineOptions(memory=MemoryOptions(time_limit=args.time_limit),
                                  print_ir_after=tuple(args.print_ir_after)),
         memory_budget=args.memory_budget)

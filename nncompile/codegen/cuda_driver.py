@@ -1,0 +1,140 @@
+"""compile_graph for ``target="cuda"``: IR graph -> passes -> CUDA -> nvcc -> CudaCompiledModel (+ build dir).
+
+The same passes and parameter layout as the CPU target (``driver.py``); the CUDA kernels need no
+arena scratch, so the plan holds only the values. Compiling needs nvcc, not a GPU: the build
+directory (``kernels.cu``, the module, ``model.json`` with ``"target": "cuda"``) is written either way,
+and the returned model reports the missing GPU when it is first run.
+
+    build/model.json  kernels.cu  [kernels_train.cu]  <module>.so  graph.ir  plan.json  weights.npz
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nncompile.errors import UnsupportedError
+from nncompile.ir.graph import Graph
+
+
+@dataclass
+class _Built:
+    lowered: Graph
+    reports: list
+    plan: object
+    source: object
+    path: Path
+    cache_hit: bool
+
+
+def _type_json(name: str, t) -> dict:
+    return {"name": name, "shape": list(t.shape), "dtype": t.dtype}
+
+
+def build_options(options):
+    from nncompile.codegen.build_cuda import CudaBuildOptions
+
+    return CudaBuildOptions(arch=getattr(options, "cuda_arch", None), tf32=bool(getattr(options, "cuda_tf32", False)))
+
+
+def _build(graph: Graph, options, layout, keep_inputs: bool, say) -> _Built:
+    from nncompile.codegen.build_cuda import build_cuda_module
+    from nncompile.codegen.cuda import CudaEmitter
+    from nncompile.codegen.cuda_ops_nn import workspace_bytes
+    from nncompile.passes.pipeline import run_pipeline
+
+    say("running passes")
+    lowered, reports, plan = run_pipeline(graph, options.pipeline, workspace_bytes, layout, keep_inputs)
+    say("generating CUDA")
+    probe = CudaEmitter(lowered, plan, "nnc_module").emit_kernels()[0]
+    module_name = "nncu_" + hashlib.sha256(probe.encode()).hexdigest()[:16]
+    source = CudaEmitter(lowered, plan, module_name).emit()
+    say("compiling (nvcc)")
+    path, hit = build_cuda_module(source, build_options(options), verbose=options.verbose)
+    return _Built(lowered, reports, plan, source, path, hit)
+
+
+def _module_manifest(built: _Built) -> dict:
+    from nncompile.codegen.cuda import device_arena_bytes
+
+    return {
+        "module_name": built.source.module_name, "module_file": built.path.name,
+        "inputs": [_type_json(i.name, i.type) for i in built.lowered.inputs],
+        "outputs": [_type_json(o, built.lowered.type_of(o)) for o in built.lowered.outputs],
+        "arena_bytes": built.plan.arena_bytes, "device_arena_bytes": device_arena_bytes(built.plan.arena_bytes),
+        "figures": {r.name: r.figures for r in built.reports},
+    }
+
+
+def compile_graph_cuda(graph: Graph, options, *, weights: dict | None = None, out_dir=None, progress=None, train=None):
+    """``driver.compile_graph`` for the CUDA target (same arguments); returns a ``CudaCompiledModel``."""
+    from nncompile.codegen.build_cuda import resolve_arch
+    from nncompile.codegen.cuda_ops_nn import register_cuda_rules
+    from nncompile.ir.init import materialize
+    from nncompile.passes.plan_memory import param_layout
+    from nncompile.runtime_cuda import CudaCompiledModel
+
+    if getattr(options, "memory_budget", None) is not None or getattr(options, "recompute", "fast") != "fast":
+        raise UnsupportedError("the CUDA target does not support memory budgets / recomputation yet")
+    register_cuda_rules()
+    start = time.perf_counter()
+    say = progress or (lambda text: None)
+    layout = param_layout(graph.params, options.pipeline.memory.alignment)
+    t0 = time.perf_counter()
+    inference = _build(graph, options, layout, False, say)
+    timings = {"build_s": time.perf_counter() - t0, "cache_hit": inference.cache_hit}
+    manifest = {"format": 1, "model": graph.name, "target": "cuda", "weights_file": "weights.npz",
+                **_module_manifest(inference), "param_bytes": layout[1],
+                "cuda_arch": resolve_arch(getattr(options, "cuda_arch", None)),
+                "params": [dict(_type_json(p.name, p.type), offset=layout[0][p.name], trainable=p.trainable,
+                                **({"source": p.init.args["torch_name"]} if "torch_name" in p.init.args else {}))
+                           for p in graph.params]}
+    plan_json = {"passes": [r.to_json() for r in inference.reports], "memory": inference.plan.to_json()}
+    modules = [(inference, "")]
+    if train is not None:
+        from nncompile.autodiff import training_graph
+
+        say("differentiating")
+        tg = training_graph(graph, train.loss)
+        t0 = time.perf_counter()
+        training = _build(tg.graph, options, layout, True, say)
+        timings["train_build_s"] = time.perf_counter() - t0
+        timings["train_cache_hit"] = training.cache_hit
+        trainable = [p for p in graph.params if p.trainable and p.type.dtype == "f32"]
+        end = max((layout[0][p.name] + p.type.nbytes for p in trainable), default=0)
+        manifest["train"] = {
+            **_module_manifest(training), "loss": tg.loss, "step_input": tg.step_input,
+            "grads": tg.grads, "updates": tg.updates, "trainable_bytes": end,
+            "optimizer": {"name": train.optimizer, "hyper": dict(train.hyper)},
+            "label_inputs": list(graph.train.label_inputs) if graph.train else [],
+        }
+        plan_json["train"] = {"passes": [r.to_json() for r in training.reports], "memory": training.plan.to_json()}
+        modules.append((training, "_train"))
+    manifest["timings"] = timings
+    if weights is None:
+        weights = materialize(graph, options.seed)
+    weights = {p.name: weights[p.name] for p in graph.params}
+    model = CudaCompiledModel(inference.path, manifest, weights, plan_json,
+                              train_module_path=modules[1][0].path if len(modules) > 1 else None)
+    if out_dir is not None:
+        write_build_dir(Path(out_dir), manifest, modules, plan_json, weights)
+    timings["total_s"] = time.perf_counter() - start
+    return model
+
+
+def write_build_dir(out: Path, manifest: dict, modules: list, plan_json: dict, weights: dict) -> None:
+    from nncompile.runtime import MANIFEST
+
+    out.mkdir(parents=True, exist_ok=True)
+    for built, suffix in modules:
+        shutil.copy2(built.path, out / built.path.name)
+        (out / f"kernels{suffix}.cu").write_text(built.source.kernels)
+        (out / f"graph{suffix}.ir").write_text(str(built.lowered))
+    (out / "plan.json").write_text(json.dumps(plan_json, indent=1, default=str))
+    np.savez(out / "weights.npz", **{k: np.asarray(v) for k, v in weights.items()})
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
