@@ -87,13 +87,15 @@ class LayerFigures:
 
 @dataclass(frozen=True)
 class StageFigures:
-    """Sum over a stage: ms per micro-batch, backward ms per micro-batch, unhidden sync, MiB."""
+    """Sum over a stage: ms per micro-batch, backward ms per micro-batch, unhidden sync, MiB, and the
+    computing part of ``per_microbatch`` (forward + backward, no communication)."""
 
     per_microbatch: float
     bwd: float
     extra: float
     memory_mb: float
     inflight: int
+    compute: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,7 @@ class CostModel:
             raise InputError(f"vtp {vtp} does not divide the {devices} devices of a stage")
         inflight = setting.inflight(stage)
         boundary = self.model.layers[0].boundary_mb_per_sample
-        per_mb = bwd = sync = mem = 0.0
+        per_mb = bwd = sync = mem = compute = 0.0
         if P == 1:
             places, parts = ["off"], ["first", "last"]
         else:
@@ -234,24 +236,26 @@ class CostModel:
                 f = vocab.fwd_ms(part, b_e) / vtp / cluster.compute_speed
                 per_mb += 3 * f
                 bwd += 2 * f
+                compute += 3 * f
                 if vtp > 1:
                     per_mb += 2 * (lat + 2 * (vtp - 1) / vtp * b_e * boundary / cluster.group_bandwidth(tp_ranks))
         if P > 1:
             sends = (stage < P - 1) + (stage > 0)
             per_mb += sends * (lat + setting.micro_batch() / devices * boundary / cluster.p2p_bandwidth(P))
         extra = overlapped(sync, bwd, coe) - bwd
-        return StageFigures(per_mb, bwd, extra, mem + cluster.context_memory_mb, inflight)
+        return StageFigures(per_mb, bwd, extra, mem + cluster.context_memory_mb, inflight, compute)
 
     def stage(self, stage: int, first_layer: int, strategies: list[Strategy], setting: Setting) -> StageFigures:
         """Figures of one stage running layers ``first_layer ...`` with ``strategies``."""
         fixed = self.fixed(stage, setting)
-        per_mb, bwd, extra = fixed.per_microbatch, fixed.bwd, fixed.extra
+        per_mb, bwd, extra, compute = fixed.per_microbatch, fixed.bwd, fixed.extra, fixed.compute
         states = act = transient = 0.0
         for offset, s in enumerate(strategies):
             index = first_layer + offset
             fig = self.layer(index, s, setting, stage)
             per_mb += fig.per_microbatch
             bwd += fig.bwd
+            compute += fig.fwd + fig.bwd
             extra += fig.extra
             states += fig.states_mb
             act += fig.act_mb
@@ -259,7 +263,7 @@ class CostModel:
             if offset:
                 per_mb += self.transition(index - 1, strategies[offset - 1], s, setting, stage)
         memory = fixed.memory_mb + states + act * fixed.inflight + transient
-        return StageFigures(per_mb, bwd, extra, memory, fixed.inflight)
+        return StageFigures(per_mb, bwd, extra, memory, fixed.inflight, compute)
 
     def step_ms(self, stages: list[StageFigures], chunks: int) -> float:
         """1F1B step time from the stages' figures."""
@@ -270,6 +274,28 @@ class CostModel:
             tail = max(tail, s.extra - finished_before)
             finished_before += s.bwd
         return total + (chunks - 1) * slowest + tail
+
+    def shared_cores_step_ms(self, cost: PlanCost, chunks: int) -> float:
+        """Step time when the ranks share one machine's cores (CPU ranks, more ranks than cores).
+
+        ``compute_speed`` is then the speed of a rank while every rank computes. A rank waiting in a
+        pipeline bubble leaves its share of the cores to the busy ones, so the step takes the longer of
+        (a) the ranks' average busy time, ``chunks * sum_k per_microbatch_k / P`` plus the unhidden
+        gradient synchronization, and (b) the 1F1B critical path with each stage computing
+        ``min(P, 1 / compute_speed)`` times faster (only its own ranks busy). With ``P = 1`` both
+        equal ``step_ms``. The search does not use this; ``bench/suite_parallel.py`` predicts
+        measured gloo runs with it.
+        """
+        stages = cost.stages
+        P = len(stages)
+        if P == 1:
+            return cost.step_ms
+        gain = min(float(P), 1.0 / min(self.cluster.compute_speed, 1.0))
+        faster = [StageFigures(s.per_microbatch - s.compute * (1 - 1 / gain), s.bwd / gain, s.extra, s.memory_mb,
+                               s.inflight, s.compute / gain) for s in stages]
+        tail = self.step_ms(stages, 1) - sum(s.per_microbatch for s in stages)
+        busy = chunks * sum(s.per_microbatch for s in stages) / P + tail
+        return max(busy, self.step_ms(faster, chunks))
 
     def evaluate(self, plan) -> PlanCost:
         """Price a ``Plan`` (see ``plan.py``)."""

@@ -88,6 +88,32 @@ def test_pipeline_step_matches_hand_computation():
     assert cm.step_ms(stages[:1], 4) == pytest.approx(4 * 10 + 3)
 
 
+def test_shared_cores_step_matches_hand_computation():
+    """Ranks sharing cores: the longer of the average busy time and the sped-up critical path."""
+    import dataclasses
+
+    from nncompile.parallel.cost import PlanCost
+
+    slow = dataclasses.replace(cluster4(), compute_speed=0.25)       # 4 ranks on one core's worth
+    cm = CostModel(ModelCost("m", (LAYER,)), slow)
+    stages = (StageFigures(10.0, 6.0, 3.0, 0, 2, 8.0), StageFigures(12.0, 7.0, 9.0, 0, 1, 10.0))
+    cost = PlanCost(cm.step_ms(list(stages), 4), 0.0, stages, 1e9)
+    # busy: 4 * 22 / 2 + tail 3 = 47; critical path, compute 2x faster: stages 6, 7 -> 13 + 3 * 7 + tail 6 = 40
+    assert cm.shared_cores_step_ms(cost, 4) == pytest.approx(47.0)
+    assert cm.shared_cores_step_ms(cost, 4) < cost.step_ms
+    # one micro-batch: busy 22 / 2 + 3 = 14 < critical path 13 + tail 6 = 19 (vs 25 unshared)
+    assert cm.shared_cores_step_ms(PlanCost(cm.step_ms(list(stages), 1), 0.0, stages, 1e9), 1) == pytest.approx(19.0)
+    one = PlanCost(cm.step_ms(list(stages[:1]), 4), 0.0, stages[:1], 1e9)
+    assert cm.shared_cores_step_ms(one, 4) == one.step_ms        # no pipeline: nothing changes
+    # a real plan: the stages' compute is their forward + backward, never more than the whole
+    plan = Plan(Setting(2, 16, 4), (1, 1), (Strategy(1, 2), Strategy(2, 1)))
+    cost = CostModel(ModelCost("m", (LAYER,) * 2), slow).evaluate(plan)
+    for st in cost.stages:
+        assert 0 < st.compute <= st.per_microbatch
+    # the critical path with 1x speed would be the plain 1F1B step: never exceeded
+    assert CostModel(ModelCost("m", (LAYER,) * 2), slow).shared_cores_step_ms(cost, 4) <= cost.step_ms + 1e-9
+
+
 def test_pipeline_memory_counts_inflight_microbatches():
     cm = CostModel(ModelCost("m", (LAYER,) * 4), cluster4())
     plan = Plan(Setting(2, 16, 4), (2, 2), (Strategy(1, 2),) * 4)
