@@ -175,5 +175,11 @@ def write_build_dir(out: Path, manifest: dict, modules: list, plan_json: dict, w
         (out / f"graph{suffix}.ir").write_text(str(built.lowered))
     (out / "binding.cpp").write_text(modules[0][0].source.binding)
     (out / "plan.json").write_text(json.dumps(plan_json, indent=1, default=str))
+    from nncompile.report_png import write_memory_png
+
+    pictures = {"memory.png": plan_json.get("memory"), "memory_train.png": plan_json.get("train", {}).get("memory")}
+    for picture, memory in pictures.items():
+        if memory:
+            write_memory_png(out / picture, memory)     # the arena over time, buffers as rectangles
     np.savez(out / "weights.npz", **{k: np.asarray(v) for k, v in weights.items()})
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
