@@ -1,6 +1,8 @@
 """Every example compiles, and the native module computes what the interpreter computes."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +32,13 @@ def example_inputs(graph, seed=0):
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
-def test_example_matches_interpreter(name):
+def test_example_compiled_from_the_command_line_matches_interpreter(name, tmp_path):
+    sets = [arg for k, v in SMALL[name].items() for arg in ("--set", f"{k}={v}")]
+    result = subprocess.run([sys.executable, "-m", "nncompile", str(EXAMPLES / name), "-o", str(tmp_path), *sets],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
     graph = nnc.parse(EXAMPLES / name, set=SMALL[name])
-    model = nnc.compile(graph)
+    model = nnc.load(tmp_path)
     inference_inputs = {i: v for i, v in example_inputs(graph).items() if i in model.input_names}
     got = model(**inference_inputs)
     got = got if isinstance(got, tuple) else (got,)
