@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -294,7 +296,6 @@ def plans_worker(rank: int, world: int, plans: list[dict], model_kwargs: dict, s
     parameters of stage k after training; first rank of each stage).
     """
     import json
-    from pathlib import Path
 
     from nncompile.parallel.plan import plan_from_json
     from nncompile.parallel.runner_model import TinyGPT, make_batches
@@ -314,8 +315,9 @@ def plans_worker(rank: int, world: int, plans: list[dict], model_kwargs: dict, s
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``torchrun --nproc-per-node 4 -m nncompile.parallel.runner PLAN.json [--steps N]``: train a
-    TinyGPT under a plan (Galvatron's JSON format) and print the losses on rank 0."""
+    """``torchrun --nproc-per-node 4 -m nncompile.parallel.runner PLAN.json [--steps N] [--check]``: train
+    a TinyGPT under a plan (Galvatron's JSON format) and print the losses on rank 0; ``--check`` also
+    trains it in one process and prints the largest loss difference."""
     import argparse
     import json
 
@@ -328,16 +330,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--backend", default="gloo")
+    parser.add_argument("--check", action="store_true", help="compare the losses with single-process training")
     args = parser.parse_args(argv)
+    from nncompile.errors import NNError
+    from nncompile.parallel.profile import read_json
+
+    world = int(os.environ.get("WORLD_SIZE", "0"))
+    if world < 1:
+        print("error: launch with torchrun (WORLD_SIZE is not set), e.g. "
+              "torchrun --nproc-per-node 4 -m nncompile.parallel.runner PLAN.json", file=sys.stderr)
+        return 2
+    try:
+        plan = plan_from_json(read_json(Path(args.plan), "plan"), world, args.layers)
+    except NNError as err:
+        print(err if str(err).startswith("error") else f"error: {err}", file=sys.stderr)
+        return 2
     dist.init_process_group(args.backend)
     try:
         model = TinyGPT(n_layer=args.layers)
-        with open(args.plan) as f:
-            plan = plan_from_json(json.load(f), dist.get_world_size(), args.layers)
         batches = make_batches(args.steps, plan.setting.global_bsz, model.config["seq"], model.config["vocab"])
         result = run_plan(plan, model, batches, args.lr)
         if dist.get_rank() == 0:
-            print(json.dumps({"losses": result["losses"], "step_ms": round(result["step_ms"], 3)}))
+            figures = {"losses": result["losses"], "step_ms": round(result["step_ms"], 3)}
+            if args.check:
+                from nncompile.parallel.runner_model import train_single_process
+
+                reference = train_single_process(TinyGPT(n_layer=args.layers), batches, args.lr)
+                figures["max_loss_diff_vs_single_process"] = max(abs(a - b) for a, b in zip(result["losses"], reference))
+            print(json.dumps(figures))
     finally:
         dist.destroy_process_group()
     return 0

@@ -88,3 +88,17 @@ def test_missing_cluster_flag_is_a_usage_error(capsys):
         main(["parallel", "--profile", "x"])
     assert exit_info.value.code == 2
     assert "--cluster" in capsys.readouterr().err
+
+
+def test_runner_command_line_rejects_bad_input_with_status_2(tmp_path, monkeypatch, capsys):
+    from nncompile.parallel import runner
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert runner.main([str(tmp_path / "plan.json")]) == 2
+    assert "torchrun" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert runner.main([str(tmp_path / "missing.json")]) == 2
+    assert "cannot read plan" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"pp_deg": 3}')
+    assert runner.main([str(tmp_path / "bad.json")]) == 2
+    assert "missing 'tp_sizes_enc'" in capsys.readouterr().err
