@@ -4,7 +4,7 @@ Each ordering places buffers one at a time. A buffer goes into the free address 
 buffers already placed that are live at the same time) that fits it most tightly (best fit,
 TFLite's ``GreedyBySize``) or into the lowest gap that fits (first fit); with no gap it goes on
 top. The placed buffers are kept sorted by offset, so one placement is a single linear scan
-(numba-compiled): 60k buffers take about two seconds per ordering, and the loop over orderings
+(numba-compiled from 200 buffers up): 60k buffers take about two seconds per ordering, and the loop over orderings
 stops as soon as one reaches the lower bound.
 
 Orderings (all descending unless said): size (ties by start time), size then lifetime length,
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
 from nncompile.solvers.packing import Problem, max_live_bytes
@@ -45,13 +44,32 @@ class GreedyResult:
     tried: dict
 
 
-@numba.njit(cache=True)
+# Problems with fewer buffers than this run the placement loops as plain Python: importing numba
+# (and the scipy it pulls in) costs about a second, more than these loops take on small graphs.
+JIT_MIN_BUFFERS = 200
+_jitted: dict = {}
+
+
+def _kernels(n: int):
+    """(place, gravity): numba-compiled for large problems, the same functions in Python for small."""
+    if n < JIT_MIN_BUFFERS:
+        return _place, _gravity
+    if not _jitted:
+        global _align_up
+        import numba
+
+        # numba resolves _place's call to _align_up through the module globals when it compiles
+        _align_up = numba.njit(cache=True)(_align_up)
+        _jitted["place"] = numba.njit(cache=True)(_place)
+        _jitted["gravity"] = numba.njit(cache=True)(_gravity)
+    return _jitted["place"], _jitted["gravity"]
+
+
 def _align_up(value, align):
     rem = value % align
     return value if rem == 0 else value + align - rem
 
 
-@numba.njit(cache=True)
 def _place(start, end, size, align, order, fixed_off, best_fit):
     """Place buffers ``order`` one by one; buffers with ``fixed_off >= 0`` are obstacles already
     placed. Returns the offsets of all buffers (obstacles keep theirs)."""
@@ -116,7 +134,6 @@ def _place(start, end, size, align, order, fixed_off, best_fit):
     return offsets
 
 
-@numba.njit(cache=True)
 def _gravity(start, end, size, align, rank):
     """Canonical "gravity" placement: repeatedly take the unplaced buffer with the lowest offset it
     can drop to (above every placed buffer it overlaps in time; ties by ``rank``) and place it there.
@@ -204,8 +221,8 @@ def place(problem: Problem, order: np.ndarray, best_fit: bool = True,
             raise ValueError("gravity placement plans every buffer and takes no fixed ones")
         rank = np.empty(problem.n, np.int64)
         rank[order] = np.arange(problem.n)
-        return _gravity(problem.start, problem.end, problem.size, problem.align, rank)
-    return _place(problem.start, problem.end, problem.size, problem.align,
+        return _kernels(problem.n)[1](problem.start, problem.end, problem.size, problem.align, rank)
+    return _kernels(problem.n)[0](problem.start, problem.end, problem.size, problem.align,
                   np.asarray(order, np.int64), fixed, best_fit)
 
 
