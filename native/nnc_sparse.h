@@ -37,6 +37,11 @@ struct Pattern {
     const int32_t* cols;    // [nnz]
     int n_groups;           // row groups: rows [gstart[g], gstart[g + 1]) share row gstart[g]'s columns
     const int32_t* gstart;  // [n_groups + 1], or nullptr: every row its own group
+    int kb = 0;             // columns per K block (0: one block); rowptr has n_kblocks() * rows + 1 entries,
+                            // entry b * rows + n starting row n's nonzeros in columns [b * kb, (b + 1) * kb)
+    const float* values = nullptr;  // [nnz] packed W values in the cols order (frozen weights), or nullptr: read W
+    int n_kblocks() const { return kb > 0 ? (k + kb - 1) / kb : 1; }
+    int block_cols() const { return kb > 0 ? kb : k; }
 };
 
 namespace detail {
@@ -63,7 +68,7 @@ inline float* scratch(int slot, size_t count) {
 }
 
 // xT[k * ld + i] = x[(i) * ldx + k] for i < mb; lanes mb..ld-1 are zero.
-inline void transpose_in(const float* x, long ldx, int mb, int K, float* xT, int ld) {
+__attribute__((noinline)) inline void transpose_in(const float* x, long ldx, int mb, int K, float* xT, int ld) {
     int i0 = 0;
     for (; i0 + 8 <= mb; i0 += 8) {
         int k0 = 0;
@@ -76,16 +81,15 @@ inline void transpose_in(const float* x, long ldx, int mb, int K, float* xT, int
         for (; k0 < K; ++k0)
             for (int i = i0; i < i0 + 8; ++i) xT[(long)k0 * ld + i] = x[(long)i * ldx + k0];
     }
-    if (i0 < ld) {
-        for (int k = 0; k < K; ++k) {
-            float* dst = xT + (long)k * ld;
-            for (int i = i0; i < ld; ++i) dst[i] = i < mb ? x[(long)i * ldx + k] : 0.0f;
-        }
+    for (int k = 0; k < K && i0 < ld; ++k) {
+        float* dst = xT + (long)k * ld;
+        for (int i = i0; i < mb; ++i) dst[i] = x[(long)i * ldx + k];
+        for (int i = mb; i < ld; ++i) dst[i] = 0.0f;
     }
 }
 
 // y[i, n] (+epilogue) = yT[n * ld + i] for i < mb, n < N.
-inline void transpose_out(const float* yT, int ld, int mb, int N, float* y, long ldy, const Epilogue& ep, long row0) {
+__attribute__((noinline)) inline void transpose_out(const float* yT, int ld, int mb, int N, float* y, long ldy, const Epilogue& ep, long row0) {
     int n0 = 0;
     for (; n0 + 8 <= N; n0 += 8) {
         int i0 = 0;
@@ -120,26 +124,26 @@ inline void transpose_out(const float* yT, int ld, int mb, int N, float* y, long
     }
 }
 
-// One row of W against V vectors (8V batch lanes) of xT; U independent accumulator sets hide FMA latency.
+// One row against V vectors (8V batch lanes) of xT. vals[j - begin] is the weight of cols[j]; U
+// independent accumulator sets hide the FMA latency when V is small. first: out = the sum, else out +=.
 template <int V, int U>
-inline void row_kernel(const float* __restrict wr, const int32_t* __restrict cols, int begin, int end,
-                       const float* __restrict xT, int ld, float* __restrict out) {
+inline void row_kernel(const float* __restrict vals, const int32_t* __restrict cols, int begin, int end,
+                       const float* __restrict xT, int ld, float* __restrict out, bool first) {
     __m256 acc[U][V];
     for (int u = 0; u < U; ++u)
-        for (int v = 0; v < V; ++v) acc[u][v] = _mm256_setzero_ps();
+        for (int v = 0; v < V; ++v) acc[u][v] = (u == 0 && !first) ? _mm256_load_ps(out + 8 * v) : _mm256_setzero_ps();
+    vals -= begin;
     int j = begin;
     for (; j + U <= end; j += U) {
         for (int u = 0; u < U; ++u) {
-            const int c = cols[j + u];
-            const __m256 wv = _mm256_broadcast_ss(wr + c);
-            const float* xr = xT + (long)c * ld;
+            const __m256 wv = _mm256_broadcast_ss(vals + j + u);
+            const float* xr = xT + (long)cols[j + u] * ld;
             for (int v = 0; v < V; ++v) acc[u][v] = _mm256_fmadd_ps(wv, _mm256_load_ps(xr + 8 * v), acc[u][v]);
         }
     }
     for (; j < end; ++j) {
-        const int c = cols[j];
-        const __m256 wv = _mm256_broadcast_ss(wr + c);
-        const float* xr = xT + (long)c * ld;
+        const __m256 wv = _mm256_broadcast_ss(vals + j);
+        const float* xr = xT + (long)cols[j] * ld;
         for (int v = 0; v < V; ++v) acc[0][v] = _mm256_fmadd_ps(wv, _mm256_load_ps(xr + 8 * v), acc[0][v]);
     }
     for (int u = 1; u < U; ++u)
@@ -147,21 +151,22 @@ inline void row_kernel(const float* __restrict wr, const int32_t* __restrict col
     for (int v = 0; v < V; ++v) _mm256_store_ps(out + 8 * v, acc[0][v]);
 }
 
-// R rows sharing one column list, against VB vectors of xT at a time: each xT load feeds R FMAs.
+// R rows sharing one column list (a block row), VB vectors of xT at a time: each xT load feeds R FMAs.
+// vals[r][j - begin] is row r's weight of cols[j].
 template <int R, int VB>
-inline void group_kernel(const float* __restrict w0, long ldw, const int32_t* __restrict cols, int begin, int end,
-                         const float* __restrict xT, int ld, int nvec, float* __restrict out) {
+inline void group_kernel(const float* const* vals, const int32_t* __restrict cols, int begin, int end,
+                         const float* __restrict xT, int ld, int nvec, float* __restrict out, bool first) {
     for (int v0 = 0; v0 < nvec; v0 += VB) {
         __m256 acc[R][VB];
         for (int r = 0; r < R; ++r)
-            for (int v = 0; v < VB; ++v) acc[r][v] = _mm256_setzero_ps();
+            for (int v = 0; v < VB; ++v)
+                acc[r][v] = first ? _mm256_setzero_ps() : _mm256_load_ps(out + (long)r * ld + 8 * (v0 + v));
         for (int j = begin; j < end; ++j) {
-            const int c = cols[j];
             __m256 xv[VB];
-            const float* xr = xT + (long)c * ld + 8 * v0;
+            const float* xr = xT + (long)cols[j] * ld + 8 * v0;
             for (int v = 0; v < VB; ++v) xv[v] = _mm256_load_ps(xr + 8 * v);
             for (int r = 0; r < R; ++r) {
-                const __m256 wv = _mm256_broadcast_ss(w0 + r * ldw + c);
+                const __m256 wv = _mm256_broadcast_ss(vals[r] + (j - begin));
                 for (int v = 0; v < VB; ++v) acc[r][v] = _mm256_fmadd_ps(wv, xv[v], acc[r][v]);
             }
         }
@@ -170,46 +175,95 @@ inline void group_kernel(const float* __restrict w0, long ldw, const int32_t* __
     }
 }
 
+// Groups [g0, g1) over K block kblk; vals are the packed values (Pattern::values order).
 template <int V>
-inline void rows_chunk(const Pattern& p, int g0, int g1, const float* w, long ldw, const float* xT, int ld, float* yT) {
+inline void rows_chunk(const Pattern& p, int kblk, int g0, int g1, const float* vals, const float* xT, int ld,
+                       float* yT) {
     constexpr int U = V >= 4 ? 1 : (V == 2 ? 2 : 4);
+    const int32_t* rowptr = p.rowptr + (long)kblk * p.rows;
+    const bool first = kblk == 0;
     for (int g = g0; g < g1; ++g) {
         const int n0 = p.gstart ? p.gstart[g] : g;
         const int n1 = p.gstart ? p.gstart[g + 1] : g + 1;
-        const int b = p.rowptr[n0], e = p.rowptr[n0 + 1];
+        const int b = rowptr[n0], e = rowptr[n0 + 1];
         int n = n0;
-        // register-blocked: 4 (then 2) rows of the group at a time, 16 lanes per pass
-        if (V % 2 == 0) {
-            for (; n + 4 <= n1; n += 4)
-                group_kernel<4, 2>(w + (long)n * ldw, ldw, p.cols, b, e, xT, ld, V, yT + (long)n * ld);
-            for (; n + 2 <= n1; n += 2)
-                group_kernel<2, 2>(w + (long)n * ldw, ldw, p.cols, b, e, xT, ld, V, yT + (long)n * ld);
-        } else {
-            for (; n + 4 <= n1; n += 4)
-                group_kernel<4, 1>(w + (long)n * ldw, ldw, p.cols, b, e, xT, ld, V, yT + (long)n * ld);
+        if (n1 - n0 > 1 && e > b) {
+            const float* rv[4];
+            for (; n + 4 <= n1; n += 4) {
+                for (int r = 0; r < 4; ++r) rv[r] = vals + rowptr[n + r];
+                if (V % 2 == 0) group_kernel<4, 2>(rv, p.cols, b, e, xT, ld, V, yT + (long)n * ld, first);
+                else group_kernel<4, 1>(rv, p.cols, b, e, xT, ld, V, yT + (long)n * ld, first);
+            }
+            if (n + 2 <= n1) {
+                for (int r = 0; r < 2; ++r) rv[r] = vals + rowptr[n + r];
+                if (V % 2 == 0) group_kernel<2, 2>(rv, p.cols, b, e, xT, ld, V, yT + (long)n * ld, first);
+                else group_kernel<2, 1>(rv, p.cols, b, e, xT, ld, V, yT + (long)n * ld, first);
+                n += 2;
+            }
         }
-        for (; n < n1; ++n) row_kernel<V, U>(w + (long)n * ldw, p.cols, b, e, xT, ld, yT + (long)n * ld);
+        for (; n < n1; ++n)
+            row_kernel<V, U>(vals + rowptr[n], p.cols + rowptr[n] - b, b, e, xT, ld, yT + (long)n * ld, first);
     }
 }
 
+// Rows are tiled (about 256 rows of yT stay in L2) and, inside a tile, every K block runs over all
+// the tile's rows while its slice of xT (<= ~32 KB) stays in L1.
 template <int V>
-inline void run_chunk(const Pattern& p, const float* w, long ldw, const float* xT, int ld, float* yT) {
+inline void rows_range(const Pattern& p, int g0, int g1, const float* vals, const float* xT, int ld, float* yT) {
+    const int nkb = p.n_kblocks();
+    int t0 = g0;
+    while (t0 < g1) {
+        int t1 = t0;
+        const int row0 = p.gstart ? p.gstart[t0] : t0;
+        while (t1 < g1 && (p.gstart ? p.gstart[t1] : t1) - row0 < 256) ++t1;
+        for (int kblk = 0; kblk < nkb; ++kblk) rows_chunk<V>(p, kblk, t0, t1, vals, xT, ld, yT);
+        t0 = t1;
+    }
+}
+
+inline int threads_for(long work) { return work > 200000 ? usable_threads() : 1; }
+
+template <int V>
+inline void run_chunk(const Pattern& p, const float* vals, const float* xT, int ld, float* yT) {
     const int groups = p.gstart ? p.n_groups : p.rows;
-    const long work = (long)p.rowptr[p.rows] * V;
-    const int threads = work > 200000 ? usable_threads() : 1;
+    const int threads = std::min(threads_for((long)p.rowptr[(long)p.n_kblocks() * p.rows] * V), std::max(groups, 1));
     if (threads <= 1) {
-        rows_chunk<V>(p, 0, groups, w, ldw, xT, ld, yT);
+        rows_range<V>(p, 0, groups, vals, xT, ld, yT);
         return;
     }
-#pragma omp parallel for schedule(dynamic, 8) num_threads(threads)
-    for (int g = 0; g < groups; g += 16) rows_chunk<V>(p, g, std::min(groups, g + 16), w, ldw, xT, ld, yT);
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
+    for (int t = 0; t < threads; ++t) {
+        const int g0 = (int)((long)groups * t / threads), g1 = (int)((long)groups * (t + 1) / threads);
+        rows_range<V>(p, g0, g1, vals, xT, ld, yT);
+    }
+}
+
+// values[j] = W[n, cols[j]], walking W row by row (a streaming read of the rows' touched lines).
+inline void pack_values(const Pattern& p, const float* w, long ldw, float* values) {
+    const int nkb = p.n_kblocks(), N = p.rows;
+    const int threads = threads_for((long)p.rowptr[(long)nkb * N] * 4);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int n = 0; n < N; ++n) {
+        const float* wr = w + (long)n * ldw;
+        for (int kblk = 0; kblk < nkb; ++kblk)
+            for (int j = p.rowptr[(long)kblk * N + n]; j < p.rowptr[(long)kblk * N + n + 1]; ++j) values[j] = wr[p.cols[j]];
+    }
 }
 
 }  // namespace detail
 
 // y[M, N] = x[M, K] @ W^T restricted to the pattern, then the epilogue (col_bias, act, residual).
-inline void linear(int M, const float* x, const float* w, const Pattern& p, float* y, const Epilogue& ep) {
+// Unless the pattern carries frozen values, W's values on the pattern are first packed (one pass over
+// W), so the batch chunks read a contiguous nnz-long array instead of scattered lines of W.
+__attribute__((noinline)) inline void linear(int M, const float* x, const float* w, const Pattern& p, float* y, const Epilogue& ep) {
     const int N = p.rows, K = p.k;
+    if (M <= 0 || N <= 0) return;
+    const float* vals = p.values;
+    if (vals == nullptr) {
+        float* packed = detail::scratch(2, (size_t)p.rowptr[(long)p.n_kblocks() * N] + 1);
+        detail::pack_values(p, w, K, packed);
+        vals = packed;
+    }
     constexpr int CHUNK = 64;
     for (int m0 = 0; m0 < M; m0 += CHUNK) {
         const int mb = std::min(CHUNK, M - m0);
@@ -219,14 +273,14 @@ inline void linear(int M, const float* x, const float* w, const Pattern& p, floa
         float* yT = detail::scratch(1, (size_t)N * ld);
         detail::transpose_in(x + (long)m0 * K, K, mb, K, xT, ld);
         switch (V) {
-            case 1: detail::run_chunk<1>(p, w, K, xT, ld, yT); break;
-            case 2: detail::run_chunk<2>(p, w, K, xT, ld, yT); break;
-            case 3: detail::run_chunk<3>(p, w, K, xT, ld, yT); break;
-            case 4: detail::run_chunk<4>(p, w, K, xT, ld, yT); break;
-            case 5: detail::run_chunk<5>(p, w, K, xT, ld, yT); break;
-            case 6: detail::run_chunk<6>(p, w, K, xT, ld, yT); break;
-            case 7: detail::run_chunk<7>(p, w, K, xT, ld, yT); break;
-            default: detail::run_chunk<8>(p, w, K, xT, ld, yT); break;
+            case 1: detail::run_chunk<1>(p, vals, xT, ld, yT); break;
+            case 2: detail::run_chunk<2>(p, vals, xT, ld, yT); break;
+            case 3: detail::run_chunk<3>(p, vals, xT, ld, yT); break;
+            case 4: detail::run_chunk<4>(p, vals, xT, ld, yT); break;
+            case 5: detail::run_chunk<5>(p, vals, xT, ld, yT); break;
+            case 6: detail::run_chunk<6>(p, vals, xT, ld, yT); break;
+            case 7: detail::run_chunk<7>(p, vals, xT, ld, yT); break;
+            default: detail::run_chunk<8>(p, vals, xT, ld, yT); break;
         }
         detail::transpose_out(yT, ld, mb, N, y + (long)m0 * N, N, ep, m0);
     }
@@ -234,7 +288,7 @@ inline void linear(int M, const float* x, const float* w, const Pattern& p, floa
 
 // Training: dW[n, c] = sum_m dY[m, n] * X[m, c] on the pattern only (sampled dense-dense product);
 // entries off the pattern are set to zero, so the optimizer never moves them.
-inline void weight_grad(int M, const float* dy, const float* x, const Pattern& p, float* dw) {
+__attribute__((noinline)) inline void weight_grad(int M, const float* dy, const float* x, const Pattern& p, float* dw) {
     const int N = p.rows, K = p.k;
     std::memset(dw, 0, sizeof(float) * (size_t)N * K);
     constexpr int CHUNK = 256;
@@ -245,12 +299,13 @@ inline void weight_grad(int M, const float* dy, const float* x, const Pattern& p
         float* gT = detail::scratch(1, (size_t)N * ld);
         detail::transpose_in(x + (long)m0 * K, K, mb, K, xT, ld);
         detail::transpose_in(dy + (long)m0 * N, N, mb, N, gT, ld);
-        const int threads = (long)p.rowptr[N] * ld > 400000 ? usable_threads() : 1;
+        const int threads = (long)p.rowptr[(long)p.n_kblocks() * N] * ld > 400000 ? usable_threads() : 1;
 #pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
         for (int n = 0; n < N; ++n) {
             const float* g = gT + (long)n * ld;
             float* dst = dw + (long)n * K;
-            for (int j = p.rowptr[n]; j < p.rowptr[n + 1]; ++j) {
+            for (int kblk = 0; kblk < p.n_kblocks(); ++kblk)
+            for (int j = p.rowptr[(long)kblk * N + n]; j < p.rowptr[(long)kblk * N + n + 1]; ++j) {
                 const int c = p.cols[j];
                 const float* xr = xT + (long)c * ld;
                 __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
@@ -273,7 +328,9 @@ inline void linear_naive(int M, const float* x, const float* w, const Pattern& p
         for (int n = 0; n < N; ++n) {
             float s = 0.0f;
             const float* wr = w + (long)n * K;
-            for (int j = p.rowptr[n]; j < p.rowptr[n + 1]; ++j) s += wr[p.cols[j]] * x[(long)m * K + p.cols[j]];
+            for (int kblk = 0; kblk < p.n_kblocks(); ++kblk)
+                for (int j = p.rowptr[(long)kblk * N + n]; j < p.rowptr[(long)kblk * N + n + 1]; ++j)
+                    s += wr[p.cols[j]] * x[(long)m * K + p.cols[j]];
             y[(long)m * N + n] = s;
         }
 }

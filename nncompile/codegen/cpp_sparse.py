@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -42,24 +43,55 @@ DECISIONS: dict[str, list[dict]] = {}
 
 
 @functools.lru_cache(maxsize=32)
-def csr_pattern(sparsity: Sparsity, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rowptr [N+1], cols [nnz], group starts [G+1]) of the weight's pattern, all int32."""
-    mask = sparsity.mask(shape)
-    return pattern_from_mask(mask)
+def csr_pattern(sparsity: Sparsity, shape: tuple[int, ...]) -> "Csr":
+    """The weight's pattern as K-blocked CSR (see ``pattern_from_mask``)."""
+    return pattern_from_mask(sparsity.mask(shape))
 
 
-def pattern_from_mask(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    mask = np.asarray(mask, dtype=bool).reshape(mask.shape[0], -1)
+@dataclass(frozen=True)
+class Csr:
+    rowptr: np.ndarray   # [n_kblocks * rows + 1]: entry b * rows + n starts row n's nonzeros in K block b
+    cols: np.ndarray     # [nnz] absolute column indices, ordered by (K block, row, column)
+    gstart: np.ndarray   # [groups + 1]: consecutive rows with identical columns form a group
+    kb: int              # columns per K block
+    order: np.ndarray    # [nnz] flat indices into W (row * K + col) in the cols order (packing values)
+
+    @property
+    def nnz(self) -> int:
+        return len(self.cols)
+
+
+def block_cols(density: float, k: int) -> int:
+    """Columns per K block: ~24 nonzeros of a row per block (the accumulators' reload is amortized), at
+    least 128 columns (xT's slice of a 64-row chunk, 32 KB, stays near L1)."""
+    if density <= 0 or k <= 256:
+        return k
+    kb = max(128, int(math.ceil(24.0 / density / 8.0)) * 8)
+    return k if kb * 2 > k else kb
+
+
+def pattern_from_mask(mask: np.ndarray, kb: int | None = None) -> Csr:
+    mask = np.asarray(mask, dtype=bool)
+    mask = mask.reshape(mask.shape[0], -1) if mask.ndim else mask.reshape(1, 1)
+    n, k = mask.shape
+    if kb is None:
+        kb = block_cols(mask.mean() if mask.size else 0.0, k)
+    nkb = max(1, -(-k // kb)) if k else 1
     rows, cols = np.nonzero(mask)
-    rowptr = np.zeros(mask.shape[0] + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=mask.shape[0]), out=rowptr[1:])
-    if mask.shape[0] > 1 and mask.shape[1]:
+    blocks = cols // kb if kb else np.zeros_like(cols)
+    key = blocks * n + rows
+    perm = np.lexsort((cols, key))
+    rows, cols, key = rows[perm], cols[perm], key[perm]
+    rowptr = np.zeros(nkb * n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(key, minlength=nkb * n), out=rowptr[1:])
+    if n > 1 and k:
         same = np.all(mask[1:] == mask[:-1], axis=1)
         starts = np.flatnonzero(np.concatenate([[True], ~same]))
     else:
-        starts = np.zeros(min(mask.shape[0], 1), dtype=np.int64)
-    gstart = np.concatenate([starts, [mask.shape[0]]])
-    return rowptr.astype(np.int32), cols.astype(np.int32), gstart.astype(np.int32)
+        starts = np.zeros(min(n, 1), dtype=np.int64)
+    gstart = np.concatenate([starts, [n]])
+    return Csr(rowptr.astype(np.int32), cols.astype(np.int32), gstart.astype(np.int32), int(kb),
+               (rows.astype(np.int64) * k + cols).astype(np.int64))
 
 
 def estimate(m: int, n: int, k: int, nnz: int) -> dict:
@@ -120,13 +152,14 @@ def _table(name: str, values: np.ndarray) -> list[str]:
 
 def pattern_decl(sparsity: Sparsity, shape: tuple[int, ...], name: str = "pat_") -> list[str]:
     """C++ statements declaring ``const nnc::sparse::Pattern name`` with its baked tables."""
-    rowptr, cols, gstart = csr_pattern(sparsity, tuple(shape))
-    lines = _table("rowptr_", rowptr) + _table("cols_", cols)
-    grouped = len(gstart) - 1 < shape[0]
+    csr = csr_pattern(sparsity, tuple(shape))
+    lines = _table("rowptr_", csr.rowptr) + _table("cols_", csr.cols)
+    rows = shape[0] if shape else 1
+    grouped = len(csr.gstart) - 1 < rows
     if grouped:
-        lines += _table("gstart_", gstart)
-    lines.append(f"const nnc::sparse::Pattern {name}{{{shape[0]}, {math.prod(shape[1:])}, rowptr_, cols_, "
-                 f"{len(gstart) - 1}, {'gstart_' if grouped else 'nullptr'}}};")
+        lines += _table("gstart_", csr.gstart)
+    lines.append(f"const nnc::sparse::Pattern {name}{{{rows}, {math.prod(shape[1:])}, rowptr_, cols_, "
+                 f"{len(csr.gstart) - 1}, {'gstart_' if grouped else 'nullptr'}, {csr.kb}}};")
     return lines
 
 
@@ -144,9 +177,11 @@ def sparse_linear_call(ctx, args: list[str], out_ptr: str, epi: str) -> list[str
         return None
     n, k = w.shape
     m = x.numel // k if k else 0
-    rowptr, cols, gstart = csr_pattern(w.sparsity, (n, k))
-    decision = choose(m, n, k, len(cols))
-    decision.update(weight=args[1], pattern=str(w.sparsity), row_groups=len(gstart) - 1)
+    csr = csr_pattern(w.sparsity, (n, k))
+    timing = os.environ.get("NNC_SPARSE_TIMING", "") not in ("", "0")
+    kernels = timing_kernels(w.sparsity, (n, k), m) if timing and m else None
+    decision = choose(m, n, k, csr.nnz, timing=timing, kernels=kernels)
+    decision.update(weight=args[1], pattern=str(w.sparsity), row_groups=len(csr.gstart) - 1, k_block=csr.kb)
     _record(ctx, decision)
     comment = f"// sparse weight {args[1]}: {decision['kernel']} kernel ({decision['why']})"
     if decision["kernel"] == "dense" or m == 0:
@@ -175,21 +210,23 @@ def emit_sparse_weight_grad(ctx, node) -> str:
 def emit_sparse_mask(ctx, node) -> str:
     g, w = node.inputs
     wt = ctx.type(w)
-    shape = (wt.shape[0], math.prod(wt.shape[1:])) if wt.rank else (1, 1)
-    lines = ["{"] + ["    " + line for line in pattern_decl(wt.sparsity, tuple(wt.shape))]
-    src, out = ctx.ptr(g), ctx.out
-    lines += [f"    const float* src_ = {src};",
-              f"    float* dst_ = {out};",
-              f"    if (dst_ != src_) std::memset(dst_, 0, sizeof(float) * {wt.numel});",
-              f"    for (int n_ = 0; n_ < {shape[0]}; ++n_) {{",
-              "        int prev_ = 0;",
-              f"        for (int j_ = rowptr_[n_]; j_ < rowptr_[n_ + 1]; ++j_) {{",
-              f"            const long o_ = (long)n_ * {shape[1]};",
-              "            if (dst_ == src_) for (int c_ = prev_; c_ < cols_[j_]; ++c_) dst_[o_ + c_] = 0.0f;",
-              "            dst_[o_ + cols_[j_]] = src_[o_ + cols_[j_]];",
-              "            prev_ = cols_[j_] + 1;",
-              "        }",
-              f"        if (dst_ == src_) for (int c_ = prev_; c_ < {shape[1]}; ++c_) dst_[(long)n_ * {shape[1]} + c_] = 0.0f;",
+    csr = csr_pattern(wt.sparsity, tuple(wt.shape))
+    rows = wt.shape[0] if wt.rank else 1
+    width = wt.numel // rows if rows else 0
+    nkb = (len(csr.rowptr) - 1) // rows if rows else 1
+    lines = ["{"] + ["    " + line for line in _table("rowptr_", csr.rowptr) + _table("cols_", csr.cols)]
+    lines += [f"    const float* src_ = {ctx.ptr(g)};",
+              f"    float* dst_ = {ctx.out};",
+              f"    for (long n_ = 0; n_ < {rows}; ++n_) {{",
+              f"        const long o_ = n_ * {width};",
+              "        int prev_ = 0;   // columns ascend over the K blocks, so [prev_, c) is off the pattern",
+              f"        for (int b_ = 0; b_ < {nkb}; ++b_)",
+              f"            for (int j_ = rowptr_[b_ * {rows} + n_]; j_ < rowptr_[b_ * {rows} + n_ + 1]; ++j_) {{",
+              "                for (int c_ = prev_; c_ < cols_[j_]; ++c_) dst_[o_ + c_] = 0.0f;",
+              "                dst_[o_ + cols_[j_]] = src_[o_ + cols_[j_]];",
+              "                prev_ = cols_[j_] + 1;",
+              "            }",
+              f"        for (int c_ = prev_; c_ < {width}; ++c_) dst_[o_ + c_] = 0.0f;",
               "    }",
               "}"]
     return "\n".join(lines)
@@ -200,3 +237,126 @@ def register() -> None:
 
     set_rule("sparse_weight_grad", "emit_cpp", emit_sparse_weight_grad)
     set_rule("sparse_mask", "emit_cpp", emit_sparse_mask)
+
+
+# A small ctypes library over nnc_sparse.h / nnc_gemm.h with the pattern passed at run time: the same
+# kernels the generated code calls (there with the pattern baked). Used by the compile-time timing,
+# the tests and bench/suite_sparse.py.
+
+_HARNESS = r'''
+#include "nnc_runtime.h"
+extern "C" {
+void nnc_sp_linear(int M, int N, int K, const float* x, const float* w, const int32_t* rowptr, const int32_t* cols,
+                   int n_groups, const int32_t* gstart, const float* bias, int act, const float* residual, float* y,
+                   const float* values, int kb) {
+    nnc::sparse::Pattern p{N, K, rowptr, cols, n_groups, gstart, kb, values};
+    nnc::Epilogue ep; ep.col_bias = bias; ep.act = act; ep.residual = residual; ep.ldr = N;
+    nnc::sparse::linear(M, x, w, p, y, ep);
+}
+void nnc_sp_weight_grad(int M, int N, int K, const float* dy, const float* x, const int32_t* rowptr,
+                        const int32_t* cols, float* dw, int kb) {
+    nnc::sparse::Pattern p{N, K, rowptr, cols, N, nullptr, kb};
+    nnc::sparse::weight_grad(M, dy, x, p, dw);
+}
+void nnc_sp_naive(int M, int N, int K, const float* x, const float* w, const int32_t* rowptr, const int32_t* cols,
+                  float* y, int kb) {
+    nnc::sparse::Pattern p{N, K, rowptr, cols, N, nullptr, kb};
+    nnc::sparse::linear_naive(M, x, w, p, y);
+}
+void nnc_sp_dense(int M, int N, int K, const float* x, const float* w, float* y) {
+    nnc::sgemm(false, true, M, N, K, x, K, w, K, y, N, 0.0f);
+}
+void nnc_sp_threads(int n) { nnc::set_threads(n); }
+}
+'''
+
+_native = None
+
+
+def native_kernels():
+    """The ctypes harness (built once into the build cache, keyed by the headers' digest)."""
+    global _native
+    if _native is not None:
+        return _native
+    import ctypes
+    import hashlib
+    import subprocess
+
+    from nncompile.codegen.build import NATIVE_DIR, cache_root, native_digest
+
+    key = hashlib.sha256((_HARNESS + native_digest()).encode()).hexdigest()[:16]
+    root = cache_root() / "sparse_harness"
+    root.mkdir(parents=True, exist_ok=True)
+    lib = root / f"nnc_sparse_{key}.so"
+    if not lib.exists():
+        src = root / f"nnc_sparse_{key}.cpp"
+        src.write_text(_HARNESS)
+        tmp = root / f"{lib.name}.{os.getpid()}.tmp"
+        cmd = ["g++", "-O3", "-fopenmp", "-march=x86-64-v3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno",
+               "-fno-trapping-math", f"-I{NATIVE_DIR}",
+               str(src), "-o", str(tmp)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BuildError("could not build the sparse kernel harness:\n" + done.stderr[-2000:])
+        os.replace(tmp, lib)
+    _native = ctypes.CDLL(str(lib))
+    return _native
+
+
+def _p(array):
+    import ctypes
+
+    return None if array is None else array.ctypes.data_as(ctypes.c_void_p)
+
+
+class NativeSparse:
+    """y = x @ W^T on one pattern through the harness (dense W storage, pattern passed at run time)."""
+
+    def __init__(self, mask: np.ndarray, kb: int | None = None):
+        self.lib = native_kernels()
+        self.mask = np.asarray(mask, dtype=bool)
+        self.n, self.k = self.mask.shape
+        self.csr = pattern_from_mask(self.mask, kb)
+        self.rowptr, self.cols, self.gstart = self.csr.rowptr, self.csr.cols, self.csr.gstart
+
+    def packed(self, w):
+        """W's values on the pattern, in the kernel's order (for frozen, baked values)."""
+        return np.ascontiguousarray(np.asarray(w, np.float32).reshape(-1)[self.csr.order])
+
+    def linear(self, x, w, bias=None, act=0, residual=None, out=None, grouped=True, values=None):
+        m = x.shape[0]
+        y = np.empty((m, self.n), np.float32) if out is None else out
+        gs = self.gstart if grouped else None
+        self.lib.nnc_sp_linear(m, self.n, self.k, _p(x), _p(w), _p(self.rowptr), _p(self.cols),
+                               len(self.gstart) - 1 if grouped else self.n, _p(gs), _p(bias), act, _p(residual), _p(y),
+                               _p(values), self.csr.kb)
+        return y
+
+    def weight_grad(self, dy, x, out=None):
+        dw = np.empty((self.n, self.k), np.float32) if out is None else out
+        self.lib.nnc_sp_weight_grad(x.shape[0], self.n, self.k, _p(dy), _p(x), _p(self.rowptr), _p(self.cols), _p(dw),
+                                    self.csr.kb)
+        return dw
+
+    def naive(self, x, w, out=None):
+        y = np.empty((x.shape[0], self.n), np.float32) if out is None else out
+        self.lib.nnc_sp_naive(x.shape[0], self.n, self.k, _p(x), _p(w), _p(self.rowptr), _p(self.cols), _p(y),
+                              self.csr.kb)
+        return y
+
+    def dense(self, x, w, out=None):
+        y = np.empty((x.shape[0], self.n), np.float32) if out is None else out
+        self.lib.nnc_sp_dense(x.shape[0], self.n, self.k, _p(x), _p(w), _p(y))
+        return y
+
+
+def timing_kernels(sparsity: Sparsity, shape: tuple[int, int], m: int):
+    """(dense, sparse) callables on random data of the layer's shape, for ``measure``."""
+    mask = sparsity.mask(shape)
+    ns = NativeSparse(mask)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((m, shape[1]), dtype=np.float32)
+    w = (rng.standard_normal(shape, dtype=np.float32) * mask).astype(np.float32)
+    y = np.empty((m, shape[0]), np.float32)
+    ns.lib.nnc_sp_threads(1)
+    return (lambda: ns.dense(x, w, y)), (lambda: ns.linear(x, w, out=y))
