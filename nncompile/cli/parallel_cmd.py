@@ -3,7 +3,7 @@
     nncompile parallel --profile DIR [--model-config FILE|NAME] --cluster CLUSTER.json|NAME
                        [--global-bsz N] [--memory MB] [-o PLAN.json] [--json]
     nncompile parallel --profile DIR --cluster C --evaluate galvatron_config_X.json [--json]
-    nncompile parallel MODEL.nn --cluster C          (needs the IR cost path; reports so)
+    nncompile parallel MODEL.nn [--set NAME=VALUE] [--tflops T] --cluster C [...]   (costs from the IR)
 
 Prints a per-layer table of the plan; ``-o`` writes the plan in Galvatron's format plus our
 predictions; ``--json`` ends the output with one line of figures.
@@ -18,7 +18,11 @@ from nncompile.errors import InputError, UnsupportedError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", help="a .nn model (not yet supported: use --profile)")
+    parser.add_argument("model", nargs="?", help="a .nn model with a repeated block (per-layer costs from the IR)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="bind or override a named dimension of the .nn model (repeatable)")
+    parser.add_argument("--tflops", type=float, default=100.0, metavar="T",
+                        help="sustained TFLOP/s of one device, for a .nn model's compute times (default 100)")
     parser.add_argument("--profile", metavar="DIR", help="folder of Galvatron profile JSON files")
     parser.add_argument("--model-config", metavar="FILE|NAME",
                         help="model shape (gpt-1.5b.json, or a name found in the profile folder or built in); "
@@ -59,9 +63,15 @@ def _load_model(args):
         path = Path(args.model)
         if not path.exists():
             raise InputError(f"model file {path} does not exist")
-        raise UnsupportedError(
-            f"{path}: searching a plan from a .nn/torch model needs per-layer costs from the IR, which is "
-            "not yet supported; use --profile DIR with Galvatron profile files")
+        if path.suffix != ".nn":
+            raise UnsupportedError(f"{path}: give a .nn model (torch models: calibrate.profile_chain from Python)")
+        if args.tflops <= 0:
+            raise InputError(f"--tflops must be positive, got {args.tflops}")
+        from nncompile.cli.check_cmd import parse_settings
+        from nncompile.frontend.dsl import parse
+        from nncompile.parallel.from_ir import model_cost_from_graph
+
+        return model_cost_from_graph(parse(str(path), set=parse_settings(args.set)), args.tflops)
     if not args.profile:
         raise InputError("nothing to plan: give a model file or --profile DIR")
     config = args.model_config

@@ -75,26 +75,27 @@ class Embed(nn.Module):
 
 
 class Head(nn.Module):
-    def __init__(self, vocab: int, d_model: int):
+    def __init__(self, vocab: int, d_model: int, bias: bool = True):
         super().__init__()
         self.ln = nn.LayerNorm(d_model)
-        self.out = nn.Linear(d_model, vocab)
+        self.out = nn.Linear(d_model, vocab, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.ln(x))
 
 
 class TinyGPT(nn.Module):
-    """``embed`` -> ``blocks`` -> ``head``; deterministic for a given ``seed``."""
+    """``embed`` -> ``blocks`` -> ``head``; deterministic for a given ``seed``. With ``head_bias=False``
+    it is examples/gpt.nn's network (examples/torch_models.Gpt) under other parameter names."""
 
     def __init__(self, vocab: int = 64, d_model: int = 32, n_head: int = 4, n_layer: int = 4, seq: int = 8,
-                 seed: int = 0, dtype: torch.dtype = torch.float64):
+                 seed: int = 0, dtype: torch.dtype = torch.float64, head_bias: bool = True):
         super().__init__()
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         self.embed = Embed(vocab, d_model, seq)
         self.blocks = nn.ModuleList(Block(d_model, n_head) for _ in range(n_layer))
-        self.head = Head(vocab, d_model)
+        self.head = Head(vocab, d_model, head_bias)
         torch.random.set_rng_state(generator_state)
         self.to(dtype)
         self.config = {"vocab": vocab, "d_model": d_model, "n_head": n_head, "n_layer": n_layer, "seq": seq}

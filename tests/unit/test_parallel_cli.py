@@ -10,6 +10,7 @@ from nncompile.cli import main
 
 GALVATRON = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "galvatron"
 needs_data = pytest.mark.skipif(not GALVATRON.is_dir(), reason="../shared/datasets/galvatron not present")
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 LLAMA_PLAN = GALVATRON / "llama2-7b" / "galvatron_config_llama2-7b_1nodes_8gpus_per_node_36GB_bf16.json"
 
 
@@ -67,7 +68,11 @@ def test_evaluate_galvatron_plan_and_compare(capsys):
       "--global-bsz", "64"], "no plan fits"),
     (["--profile", "{gpt}", "--model-config", "gpt-1.5b", "--cluster", "2x8-40gb", "--evaluate", "{modelcfg}"],
      "missing 'pp_deg'"),
-    (["{nn}", "--cluster", "2x8-40gb"], "not yet supported"),
+    (["{nn}", "--cluster", "2x8-40gb"], "no model in this file"),
+    (["{badjson}", "--cluster", "2x8-40gb"], "give a .nn model"),
+    (["{mlp}", "--cluster", "cpu4-gloo"], "no repeated block"),
+    (["{gptnn}", "--cluster", "cpu4-gloo", "--tflops", "0"], "--tflops must be positive"),
+    (["{gptnn}", "--cluster", "cpu4-gloo", "--set", "B=x"], "expected an integer"),
 ])
 def test_bad_input_exits_2_with_a_message(argv, message, tmp_path, capsys):
     bad = tmp_path / "bad.json"
@@ -75,7 +80,8 @@ def test_bad_input_exits_2_with_a_message(argv, message, tmp_path, capsys):
     nn = tmp_path / "model.nn"
     nn.write_text("")
     subst = {"{gpt}": str(GALVATRON / "gpt"), "{badjson}": str(bad), "{nn}": str(nn),
-             "{modelcfg}": str(GALVATRON / "gpt" / "gpt-1.5b.json")}
+             "{modelcfg}": str(GALVATRON / "gpt" / "gpt-1.5b.json"), "{mlp}": str(EXAMPLES / "mlp.nn"),
+             "{gptnn}": str(EXAMPLES / "gpt.nn")}
     rc = main(["parallel"] + [subst.get(a, a) for a in argv])
     err = capsys.readouterr().err
     assert rc == 2
