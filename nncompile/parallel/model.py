@@ -6,9 +6,10 @@ outside the chain (embedding on the first pipeline stage, head and loss on the l
 fill these records:
 
 * ``profile.load_galvatron_profile`` reads Galvatron's measured JSON profiles as they are;
-* the IR path (a ``.nn`` / torch model lowered to nncompile's IR) will fill them from the op table's
-  ``cost`` rule: FLOPs give ``fwd_ms_points`` through a device speed, parameter bytes give
-  ``param_mb``, liveness of the forward gives the activation figures.
+* ``from_ir.model_cost_from_graph`` fills them from a ``.nn`` model's IR: the op table's ``cost``
+  rule gives FLOPs, hence ``fwd_ms_points`` through a device speed; parameter bytes give
+  ``param_mb``; the block's node outputs give the activation figures;
+* ``calibrate.profile_chain`` measures a torch chain model on this machine.
 
 Units follow Galvatron: times in milliseconds, sizes in MiB ("MB"). ``param_mb`` is the fp32 size
 of the layer's parameters; with Adam in mixed precision a parameter costs 16 bytes of model state
