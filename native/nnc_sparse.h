@@ -18,6 +18,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -250,6 +251,37 @@ inline void pack_values(const Pattern& p, const float* w, long ldw, float* value
     }
 }
 
+// Few rows of x (M < 8): no batch vectorization, no packing; each nonzero is one scalar FMA per row of x
+// with four accumulators, reading W where it lies.
+inline void small_batch(int M, const float* x, const float* w, const Pattern& p, float* y, const Epilogue& ep) {
+    const int N = p.rows, K = p.k, nkb = p.n_kblocks();
+    const int threads = threads_for((long)p.rowptr[(long)nkb * N] * M);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int n = 0; n < N; ++n) {
+        const float* wr = w + (long)n * K;
+        for (int m = 0; m < M; ++m) {
+            const float* xr = x + (long)m * K;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+            for (int kblk = 0; kblk < nkb; ++kblk) {
+                int j = p.rowptr[(long)kblk * N + n];
+                const int e = p.rowptr[(long)kblk * N + n + 1];
+                for (; j + 4 <= e; j += 4) {
+                    const int c0 = p.cols[j], c1 = p.cols[j + 1], c2 = p.cols[j + 2], c3 = p.cols[j + 3];
+                    a0 = std::fma(wr[c0], xr[c0], a0);
+                    a1 = std::fma(wr[c1], xr[c1], a1);
+                    a2 = std::fma(wr[c2], xr[c2], a2);
+                    a3 = std::fma(wr[c3], xr[c3], a3);
+                }
+                for (; j < e; ++j) a0 = std::fma(wr[p.cols[j]], xr[p.cols[j]], a0);
+            }
+            float v = (a0 + a1) + (a2 + a3) + (ep.col_bias ? ep.col_bias[n] : 0.0f);
+            if (ep.act != ACT_NONE) v = activate_scalar(v, ep.act);
+            if (ep.residual) v += ep.residual[(long)m * ep.ldr + n];
+            y[(long)m * N + n] = v;
+        }
+    }
+}
+
 }  // namespace detail
 
 // y[M, N] = x[M, K] @ W^T restricted to the pattern, then the epilogue (col_bias, act, residual).
@@ -258,6 +290,10 @@ inline void pack_values(const Pattern& p, const float* w, long ldw, float* value
 __attribute__((noinline)) inline void linear(int M, const float* x, const float* w, const Pattern& p, float* y, const Epilogue& ep) {
     const int N = p.rows, K = p.k;
     if (M <= 0 || N <= 0) return;
+    if (M < 8 && p.values == nullptr) {
+        detail::small_batch(M, x, w, p, y, ep);
+        return;
+    }
     const float* vals = p.values;
     if (vals == nullptr) {
         float* packed = detail::scratch(2, (size_t)p.rowptr[(long)p.n_kblocks() * N] + 1);

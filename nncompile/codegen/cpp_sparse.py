@@ -14,7 +14,7 @@ The chooser (``choose``) is a cost model: the dense GEMM runs at DENSE_FLOPS, th
 SPARSE_FLOPS per useful FLOP over batch lanes padded to 8, plus the transposes of x and y. It keeps dense
 unless the sparse estimate is at least ``MARGIN`` times faster (as LIBXSMM does). With
 ``NNC_SPARSE_TIMING=1`` the choice is instead made by timing both kernels at compile time
-(``measure``). Each decision, with its figures, is written as a comment above the layer's code and kept
+(``measure``); ``NNC_SPARSE_KERNEL=sparse|dense`` forces one (tests, benchmarks). Each decision, with its figures, is written as a comment above the layer's code and kept
 in ``DECISIONS[module_name]`` (the driver copies it into plan.json under ``"sparse"``).
 
 Training: ``sparse_weight_grad`` (dW on the pattern only) and ``sparse_mask`` (``nncompile/ops/sparse.py``)
@@ -33,11 +33,14 @@ from nncompile.errors import BuildError
 from nncompile.ir.types import Sparsity
 from nncompile.ops.base import set_rule
 
-# cost model constants (single core, calibrated with bench/suite_sparse.py on an AVX2 machine)
-DENSE_FLOPS = 60e9         # sustained dense SGEMM FLOP/s
-SPARSE_FLOPS = 30e9        # useful FLOP/s of the sparse kernel (2 * nnz * lanes / time)
-TRANSPOSE_S = 0.4e-9       # seconds per element transposed (x in, y out)
-GEMV_BYTES_PER_S = 12e9    # dense GEMV is bound by reading W
+# cost model constants (one core; calibrated with bench/suite_sparse.py on the development machine, an
+# AVX2 AMD EPYC: only their ratios matter)
+DENSE_FLOPS = 80e9         # sustained dense SGEMM FLOP/s (M >= 8)
+GEMV_BYTES_PER_S = 60e9    # dense with M < 8 is bound by reading W
+SPARSE_FLOPS = 43e9        # useful FLOP/s of the batch-vectorized sparse kernel (2 * nnz * lanes / time)
+TOUCHED_BYTES_PER_S = 30e9  # reading W's cache lines that hold nonzeros (packing the values)
+SMALL_NNZ_S = 0.3e-9       # seconds per nonzero per row of x in the M < 8 scalar kernel
+TRANSPOSE_S = 0.3e-9       # seconds per element transposed (x in, y out)
 MARGIN = 1.5               # keep dense unless sparse is estimated this much faster
 DECISIONS: dict[str, list[dict]] = {}
 
@@ -96,9 +99,14 @@ def pattern_from_mask(mask: np.ndarray, kb: int | None = None) -> Csr:
 
 def estimate(m: int, n: int, k: int, nnz: int) -> dict:
     """Estimated seconds of the dense and the sparse kernel for y[m, n] = x[m, k] W^T."""
-    dense = max(2.0 * m * n * k / DENSE_FLOPS, 4.0 * n * k / GEMV_BYTES_PER_S if m < 8 else 0.0)
-    lanes = min(64, math.ceil(m / 8) * 8) * math.ceil(m / 64) if m else 0
-    sparse = 2.0 * nnz * lanes / SPARSE_FLOPS + TRANSPOSE_S * m * (k + n)
+    dense = max(2.0 * m * n * k / DENSE_FLOPS, 4.0 * n * k / GEMV_BYTES_PER_S)
+    density = nnz / (n * k) if n * k else 0.0
+    touched = 4.0 * n * k * (1.0 - (1.0 - density) ** 16) / TOUCHED_BYTES_PER_S   # 16 floats per cache line
+    if m < 8:
+        sparse = touched + SMALL_NNZ_S * nnz * m
+    else:
+        lanes = sum(min(64, m - m0) + (-min(64, m - m0)) % 8 for m0 in range(0, m, 64))
+        sparse = touched + 2.0 * nnz * lanes / SPARSE_FLOPS + TRANSPOSE_S * m * (k + n)
     return {"dense_s": dense, "sparse_s": sparse, "speedup": dense / sparse if sparse else math.inf}
 
 
@@ -117,7 +125,10 @@ def choose(m: int, n: int, k: int, nnz: int, timing: bool | None = None, kernels
         speedup, how = dense_s / sparse_s, "timed"
     else:
         speedup, how = est["speedup"], "cost model"
-    if speedup >= MARGIN:
+    forced = os.environ.get("NNC_SPARSE_KERNEL", "auto")
+    if forced in ("sparse", "dense"):
+        decision.update(kernel=forced, why=f"forced by NNC_SPARSE_KERNEL={forced} ({how}: {speedup:.2f}x)")
+    elif speedup >= MARGIN:
         decision.update(kernel="sparse", why=f"{how}: sparse {speedup:.2f}x faster than dense (>= {MARGIN}x)")
     else:
         decision.update(kernel="dense", why=f"{how}: sparse only {speedup:.2f}x faster than dense (< {MARGIN}x)")
