@@ -241,18 +241,27 @@ static std::string shape_text(const py::array& a) {
     return s.str();
 }
 
+// The dtype objects, made once (building one from its name costs about a microsecond per array per call);
+// kept for the life of the process, like the module.
+static const py::dtype& dtype_object(int code) {
+    static py::dtype* table[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+    if (!table[code]) table[code] = new py::dtype(DTYPE_NAMES[code]);
+    return *table[code];
+}
+
 static void* check_array(const py::handle& obj, const char* kind, const nnc_value_sig& sig, bool writable) {
-    const std::string what = std::string(kind) + " '" + sig.name + "'";
+    // the message is only built on the error paths: the checks themselves stay cheap
+    auto what = [&]() { return std::string(kind) + " '" + sig.name + "'"; };
     if (!py::isinstance<py::array>(obj))
-        throw py::value_error(what + " must be a NumPy array of " + sig.type);
+        throw py::value_error(what() + " must be a NumPy array of " + sig.type);
     py::array a = py::reinterpret_borrow<py::array>(obj);
     bool ok_shape = a.ndim() == sig.rank;
     for (int i = 0; ok_shape && i < sig.rank; ++i) ok_shape = a.shape(i) == sig.shape[i];
-    if (!ok_shape) throw py::value_error(what + " has shape " + shape_text(a) + ", expected " + sig.type);
-    if (!a.dtype().is(py::dtype(DTYPE_NAMES[sig.dtype])))
-        throw py::value_error(what + " has dtype " + std::string(py::str(a.dtype())) + ", expected " + sig.type);
-    if (!(a.flags() & py::array::c_style)) throw py::value_error(what + " is not C-contiguous (expected " + sig.type + ")");
-    if (writable && !a.writeable()) throw py::value_error(what + " is not writable");
+    if (!ok_shape) throw py::value_error(what() + " has shape " + shape_text(a) + ", expected " + sig.type);
+    if (!a.dtype().is(dtype_object(sig.dtype)))
+        throw py::value_error(what() + " has dtype " + std::string(py::str(a.dtype())) + ", expected " + sig.type);
+    if (!(a.flags() & py::array::c_style)) throw py::value_error(what() + " is not C-contiguous (expected " + sig.type + ")");
+    if (writable && !a.writeable()) throw py::value_error(what() + " is not writable");
     return writable ? a.mutable_data() : const_cast<void*>(a.data());
 }
 
