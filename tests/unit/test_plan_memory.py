@@ -9,9 +9,11 @@ inside the arena.
 """
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import nncompile as nnc
@@ -141,7 +143,9 @@ def test_inplace_lowers_the_bound_or_keeps_it():
 @pytest.mark.slow
 def test_gpt_12_layers_bilevel_plan_is_fast_and_tight():
     dims = {"B": 4, "T": 64, "d": 128, "heads": 4, "layers": 12, "vocab": 512}
-    compiled_training_plan("mlp", {"B": 8})        # warm the numba caches
+    from nncompile.solvers.packing_blocks import plan_with_blocks, transformer_trace
+
+    plan_with_blocks(*transformer_trace(48))        # load the numba-compiled packers once
     started = time.perf_counter()
     lowered, reports, plan = compiled_training_plan("gpt", dims, blocks="on")
     figures = reports[-1].figures
@@ -150,3 +154,23 @@ def test_gpt_12_layers_bilevel_plan_is_fast_and_tight():
     assert plan.arena_bytes <= 1.01 * plan.lower_bound
     check_plan(lowered, plan)
     assert time.perf_counter() - started < 60
+
+
+def test_memory_png_draws_buffers_where_they_are(tmp_path):
+    PIL = pytest.importorskip("PIL.Image")       # an independent PNG decoder
+    from nncompile.report_png import write_memory_png
+
+    memory = {"arena_bytes": 1000, "lower_bound": 1000, "buffers": [
+        {"start": 0, "end": 5, "offset": 0, "size": 500, "kind": "value"},
+        {"start": 5, "end": 10, "offset": 500, "size": 500, "kind": "work"},
+    ]}
+    path = write_memory_png(tmp_path / "m.png", memory, width=208, height=108)
+    image = np.asarray(PIL.open(io.BytesIO(path.read_bytes())).convert("RGB"))
+    assert image.shape == (108, 208, 3)
+    inner = (245, 245, 245)
+    # pad 8, inner 192 x 92: buffer 0 covers x 8..104, y 54..100 (bottom half, left half)
+    assert tuple(image[80, 50]) != inner and tuple(image[80, 50]) != (170, 170, 170)
+    assert tuple(image[30, 150]) == (170, 170, 170)          # the scratch buffer, top right, grey
+    assert tuple(image[30, 50]) == inner                     # nothing lives there
+    assert tuple(image[80, 150]) == inner
+    assert tuple(image[2, 2]) == (255, 255, 255)             # margin
