@@ -145,9 +145,10 @@ template <class LA, class LB, class ST>
 __global__ void __launch_bounds__(256) gemm_kernel_tf32(int M, int N, int K, LA la, LB lb, ST st) {
     using namespace nvcuda;
     constexpr int BM = 128, BN = 128, BK = 16;
-    __shared__ float As[BM][BK + 4];   // row-major A tile
-    __shared__ float Bs[BK][BN + 4];   // row-major B tile
-    __shared__ float Cs[8][16][16 + 4];
+    // WMMA loads and stores need 256-bit aligned pointers: every fragment origin below is a multiple of 32 bytes
+    __shared__ __align__(32) float As[BM][BK + 4];   // row-major A tile
+    __shared__ __align__(32) float Bs[BK][BN + 4];   // row-major B tile
+    __shared__ __align__(32) float Cs[8][16][16 + 4];
     const int z = blockIdx.z, m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int wm = (warp / 2) * 32, wn = (warp % 2) * 64;

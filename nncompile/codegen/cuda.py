@@ -196,7 +196,9 @@ class CudaEmitter:
             host.append((node, code.strip("\n").splitlines()))
         err_off = error_offset(self.plan.arena_bytes)
         lines = ['#include "nnc_cuda.cuh"', '#include "nnc_gemm.cuh"', '#include "nnc_conv.cuh"', '#include "nnc_optim.cuh"',
-                 "#include <cstdint>", "#include <cstring>", ""]
+                 "#include <cstdint>", "#include <cstring>", "",
+                 "// the module is built with hidden visibility: only these entry points are exported",
+                 '#define NNC_EXPORT __attribute__((visibility("default")))', ""]
         node_lines: list[tuple[int, str]] = []
 
         def text(node: Node) -> str:
@@ -208,7 +210,7 @@ class CudaEmitter:
             node_lines.append((len(lines) + 1, text(node)))
             lines.extend(kernel.splitlines())
         lines += ["static const char* nnc_last_error_ = \"\";", "", 'extern "C" {', "",
-                  "int nnc_forward(void* const* inputs, void* const* outputs, char* params, char* arena, void* stream) {",
+                  "NNC_EXPORT int nnc_forward(void* const* inputs, void* const* outputs, char* params, char* arena, void* stream) {",
                   "    (void)inputs; (void)outputs; (void)params;",
                   "    cudaStream_t stream_ = (cudaStream_t)stream;",
                   f"    int* const err_ = (int*)(arena + {err_off}); (void)err_;"]
@@ -251,19 +253,19 @@ class CudaEmitter:
                                         + ": an index is out of range") for n in self.error_nodes]
         return [
             f"static const char* const nnc_errors_[] = {{{', '.join(messages)}}};",
-            f"const char* nnc_error_message(int code) {{ return code > 0 && code < {len(messages)} ? nnc_errors_[code] "
+            f"NNC_EXPORT const char* nnc_error_message(int code) {{ return code > 0 && code < {len(messages)} ? nnc_errors_[code] "
             ": nnc_last_error_; }",
-            f"long long nnc_arena_bytes() {{ return {device_arena_bytes(self.plan.arena_bytes)}LL; }}",
-            f"long long nnc_param_bytes() {{ return {self.plan.param_bytes}LL; }}",
+            f"NNC_EXPORT long long nnc_arena_bytes() {{ return {device_arena_bytes(self.plan.arena_bytes)}LL; }}",
+            f"NNC_EXPORT long long nnc_param_bytes() {{ return {self.plan.param_bytes}LL; }}",
             "",
             "// optimizers over the fp32 parameter range [0, n) (torch.optim semantics, native/nnc_optim.h)",
-            "int nnc_sgd_step(float* p, const float* g, float* buf, long long n, float lr, float momentum, float dampening,",
+            "NNC_EXPORT int nnc_sgd_step(float* p, const float* g, float* buf, long long n, float lr, float momentum, float dampening,",
             "                 float weight_decay, int nesterov, int first, void* stream) {",
             "    nnc::cuda::sgd_kernel<<<nnc::cuda::grid_for(n), nnc::cuda::kBlock, 0, (cudaStream_t)stream>>>(",
             "        p, g, buf, n, lr, momentum, dampening, weight_decay, nesterov != 0, first != 0);",
             "    return cudaGetLastError() == cudaSuccess ? 0 : -1;",
             "}",
-            "int nnc_adam_step(float* p, const float* g, float* m, float* v, long long n, float lr, float beta1, float beta2,",
+            "NNC_EXPORT int nnc_adam_step(float* p, const float* g, float* m, float* v, long long n, float lr, float beta1, float beta2,",
             "                  float eps, float weight_decay, int decoupled, long long step, void* stream) {",
             "    const float bc1 = 1.0f - powf(beta1, (float)step);",
             "    const float bc2_sqrt = sqrtf(1.0f - powf(beta2, (float)step));",
@@ -272,11 +274,11 @@ class CudaEmitter:
             "        p, g, m, v, n, lr / bc1, bc2_sqrt, beta1, beta2, eps, weight_decay, decay, decoupled != 0);",
             "    return cudaGetLastError() == cudaSuccess ? 0 : -1;",
             "}",
-            "int nnc_accumulate(float* acc, const float* g, long long n, int first, void* stream) {",
+            "NNC_EXPORT int nnc_accumulate(float* acc, const float* g, long long n, int first, void* stream) {",
             "    nnc::cuda::accumulate_kernel<<<nnc::cuda::grid_for(n), nnc::cuda::kBlock, 0, (cudaStream_t)stream>>>(acc, g, n, first != 0);",
             "    return cudaGetLastError() == cudaSuccess ? 0 : -1;",
             "}",
-            "int nnc_divide(float* dst, const float* src, long long n, float divisor, void* stream) {",
+            "NNC_EXPORT int nnc_divide(float* dst, const float* src, long long n, float divisor, void* stream) {",
             "    nnc::cuda::divide_kernel<<<nnc::cuda::grid_for(n), nnc::cuda::kBlock, 0, (cudaStream_t)stream>>>(dst, src, n, divisor);",
             "    return cudaGetLastError() == cudaSuccess ? 0 : -1;",
             "}",

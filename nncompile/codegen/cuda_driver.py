@@ -37,9 +37,13 @@ def _type_json(name: str, t) -> dict:
 
 
 def build_options(options):
+    """nvcc options: ``options.cuda_arch``; TF32 tensor cores in the GEMM when ``NNCOMPILE_CUDA_TF32=1``."""
+    import os
+
     from nncompile.codegen.build_cuda import CudaBuildOptions
 
-    return CudaBuildOptions(arch=getattr(options, "cuda_arch", None), tf32=bool(getattr(options, "cuda_tf32", False)))
+    tf32 = bool(getattr(options, "cuda_tf32", False)) or os.environ.get("NNCOMPILE_CUDA_TF32") == "1"
+    return CudaBuildOptions(arch=getattr(options, "cuda_arch", None), tf32=tf32)
 
 
 def _build(graph: Graph, options, layout, keep_inputs: bool, say) -> _Built:
