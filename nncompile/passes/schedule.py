@@ -187,24 +187,53 @@ def eager_order(model: MemoryModel, order: list[int]) -> list[int]:
     runs at once (the one freeing the most): a weight gradient as soon as its inputs exist."""
     rank = {i: k for k, i in enumerate(order)}
     remaining = dict(model.consumers)
+    readers: dict[int, list[int]] = {}
+    for i in range(model.n):
+        for r in model.reads[i]:
+            readers.setdefault(r, []).append(i)
     waiting = [len(p) for p in model.preds]
-    ready = {i for i in range(model.n) if waiting[i] == 0}
+    ready: set[int] = set()
+    by_rank: list[tuple[int, int]] = []
+    net: dict[int, int] = {}
+    freeing: set[int] = set()
+
+    def refresh(i: int) -> None:
+        new, freed = _step(model, i, remaining)
+        net[i] = freed - new
+        if freed > new:
+            freeing.add(i)
+        else:
+            freeing.discard(i)
+
+    def make_ready(i: int) -> None:
+        ready.add(i)
+        heapq.heappush(by_rank, (rank[i], i))
+        refresh(i)
+
+    for i in range(model.n):
+        if waiting[i] == 0:
+            make_ready(i)
     result = []
     while ready:
-        best, best_key = None, None
-        for i in ready:
-            new, freed = _step(model, i, remaining)
-            key = (-(freed - new), rank[i]) if freed > new else (0, rank[i])
-            if best_key is None or key < best_key:
-                best, best_key = i, key
-        ready.remove(best)
+        if freeing:
+            best = min(freeing, key=lambda i: (-net[i], rank[i]))
+        else:
+            while by_rank[0][1] not in ready:
+                heapq.heappop(by_rank)
+            best = heapq.heappop(by_rank)[1]
+        ready.discard(best)
+        freeing.discard(best)
         result.append(best)
         for r in model.reads[best]:
             remaining[r] -= 1
+        for r in model.reads[best]:
+            for u in readers[r]:
+                if u in ready:
+                    refresh(u)
         for s in model.succs[best]:
             waiting[s] -= 1
             if waiting[s] == 0:
-                ready.add(s)
+                make_ready(s)
     return result
 
 
