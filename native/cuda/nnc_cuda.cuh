@@ -14,6 +14,10 @@ namespace cuda {
 
 constexpr int kBlock = 256;
 
+// Helpers and functors that are also host code: tests/cuda/host_check.cu runs them on the CPU
+// (the index math of the implicit GEMMs, the dropout hash, the optimizer updates).
+#define NNC_HD __host__ __device__ __forceinline__
+
 // Blocks for a grid-stride loop over n elements (capped: each thread loops).
 inline unsigned grid_for(int64_t n, int block = kBlock) {
     int64_t blocks = (n + block - 1) / block;
@@ -22,14 +26,14 @@ inline unsigned grid_for(int64_t n, int block = kBlock) {
     return static_cast<unsigned>(blocks);
 }
 
-__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
-__device__ __forceinline__ float gelu_tanh(float x) {
+NNC_HD float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+NNC_HD float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+NNC_HD float gelu_tanh(float x) {
     return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
-__device__ __forceinline__ float fmax_nan(float a, float b) { return (b > a || b != b) ? b : a; }
+NNC_HD float fmax_nan(float a, float b) { return (b > a || b != b) ? b : a; }
 
-__device__ __forceinline__ uint32_t dropout_hash(uint32_t seed, uint32_t i) {
+NNC_HD uint32_t dropout_hash(uint32_t seed, uint32_t i) {
     uint32_t h = i * 0x9E3779B1u + seed * 0x85EBCA77u + 0x165667B1u;
     h ^= h >> 16; h *= 0x85EBCA6Bu; h ^= h >> 13; h *= 0xC2B2AE35u; h ^= h >> 16;
     return h;

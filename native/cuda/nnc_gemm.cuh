@@ -36,7 +36,7 @@ struct Epilogue {
     const float* residual = nullptr;   // read at the same index as C
     int act = ACT_NONE;
 
-    __device__ __forceinline__ float apply(float acc, float old, int z, int m, int n, long long index) const {
+    NNC_HD float apply(float acc, float old, int z, int m, int n, long long index) const {
         float v = alpha * acc;
         if (beta != 0.0f) v += beta * old;
         if (col_bias) v += col_bias[n];
@@ -61,12 +61,12 @@ struct Strided {
     long long ld;          // leading dimension of the stored matrix
     long long batch;       // elements between batches (0: shared)
     bool trans;            // stored as the transpose of the logical matrix
-    __device__ __forceinline__ float operator()(int z, int r, int c) const {
+    NNC_HD float operator()(int z, int r, int c) const {
         const float* q = p + z * batch;
         return trans ? q[(long long)c * ld + r] : q[(long long)r * ld + c];
     }
     // true when consecutive logical columns are adjacent in memory (load order for coalescing)
-    __device__ __forceinline__ bool col_fast() const { return !trans; }
+    NNC_HD bool col_fast() const { return !trans; }
 };
 
 struct StoreC {
@@ -74,7 +74,7 @@ struct StoreC {
     long long ldc;
     long long batch;
     Epilogue e;
-    __device__ __forceinline__ void operator()(int z, int m, int n, float acc) const {
+    NNC_HD void operator()(int z, int m, int n, float acc) const {
         const long long index = z * batch + (long long)m * ldc + n;
         c[index] = e.apply(acc, e.beta != 0.0f ? c[index] : 0.0f, z, m, n, index);
     }
