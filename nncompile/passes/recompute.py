@@ -213,12 +213,12 @@ class BudgetSearch:
             i += 1
         return None
 
-    def least_arena(self, tail: int = 3) -> int:
-        """The least planned arena among the last plans of the path (the smallest budget it meets)."""
-        last = len(self.plans) - 1
-        while self.plan(last + 1) is not None:
-            last += 1
-        return min(self.arena(i)[0] for i in range(max(0, last - tail + 1), last + 1))
+    def least_arena(self) -> int:
+        """The least planned arena of any plan on the path (the smallest budget the search meets)."""
+        i = 0
+        while self.plan(i) is not None:
+            i += 1
+        return min(self.arena(k)[0] for k in range(i))
 
 
 def baseline_sequence(mapping: RematMapping, method: str) -> list[int]:
@@ -335,7 +335,8 @@ def fit_memory_budget(graph: Graph, budget, pipeline_options=None, layout=None,
                                     f"{arena} bytes", notes=(f"the no-recompute arena is {plain_arena} bytes",))
     elif budget_bytes is not None and plain_arena > budget_bytes:
         if options.method == "exact":
-            sequence, arena, rewritten = _exact(mapping, budget_bytes, plain_arena, arena_of, options, say)
+            sequence, arena, rewritten, plan = _exact(mapping, budget_bytes, plain_arena, arena_of, options, say)
+            figures.update({"solver_status": plan.status, "solver_gap": plan.gap, "solver_seconds": plan.seconds})
         else:
             search = search or BudgetSearch(mapping, arena_of)
             search.arenas.setdefault(0, (plain_arena, mapping.graph))
@@ -403,7 +404,7 @@ def _exact(mapping, budget, plain_arena, arena_of, options, say):
         rewritten = apply_sequence(mapping, plan.sequence)
         arena = arena_of(rewritten)
         if arena <= budget:
-            return plan.sequence, arena, rewritten
+            return plan.sequence, arena, rewritten, plan
         target -= max(arena - budget, options.alignment)
     raise MemoryBudgetError(f"memory budget {budget} bytes: the exact plans' planned arenas stay above it "
                             f"(last {arena} bytes); try the fast method")

@@ -17,7 +17,7 @@ from nncompile.autodiff import training_graph
 from nncompile.cli import main
 from nncompile.ir.interp import run
 from nncompile.passes.plan_memory import param_layout
-from nncompile.passes.recompute import BudgetSearch, MemoryBudgetError, RecomputeOptions, fit_memory_budget
+from nncompile.passes.recompute import MemoryBudgetError, RecomputeOptions, fit_memory_budget
 
 pytestmark = pytest.mark.backend
 
@@ -34,6 +34,13 @@ def gpt():
     return graph, training_graph(graph), param_layout(graph.params, 64)
 
 
+@pytest.fixture(scope="module")
+def search(gpt):
+    """The fast solver's path for the gpt training graph, shared by the budget sweeps below."""
+    _, tg, layout = gpt
+    return fit_memory_budget(tg.graph, "90%", None, layout)[1].search
+
+
 def batch(graph, seed=0):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, CONFIG["vocab"], (CONFIG["B"], CONFIG["T"]))
@@ -43,9 +50,10 @@ def batch(graph, seed=0):
 
 
 @pytest.mark.parametrize("method,budget", [("fast", "50%"), ("fast", "35%"), ("every_layer", None), ("sqrt_n", None)])
-def test_rewrite_computes_the_same_step(gpt, method, budget):
+def test_rewrite_computes_the_same_step(gpt, search, method, budget):
     graph, tg, layout = gpt
-    rewritten, report = fit_memory_budget(tg.graph, budget, None, layout, RecomputeOptions(method=method))
+    rewritten, report = fit_memory_budget(tg.graph, budget, None, layout, RecomputeOptions(method=method),
+                                          search=search if method == "fast" else None)
     figures = report.figures
     assert figures["recomputed_nodes"] > 0 and figures["added_flops"] > 0
     assert figures["arena_bytes"] < figures["no_recompute_arena_bytes"]
@@ -65,15 +73,14 @@ def test_rewrite_computes_the_same_step(gpt, method, budget):
         np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-6, err_msg=name)
 
 
-def test_planned_arena_never_rises_as_budget_falls(gpt):
+def test_planned_arena_never_rises_as_budget_falls(gpt, search):
     _, tg, layout = gpt
-    search, arenas, plain = None, [], None
+    arenas, plain = [], None
     for percent in range(100, 25, -5):
         try:
             _, report = fit_memory_budget(tg.graph, f"{percent}%", None, layout, search=search)
         except MemoryBudgetError:
             break
-        search = report.search or search
         plain = report.figures["no_recompute_arena_bytes"]
         assert report.figures["arena_bytes"] <= report.figures["budget_bytes"]
         arenas.append(report.figures["arena_bytes"])
@@ -82,19 +89,19 @@ def test_planned_arena_never_rises_as_budget_falls(gpt):
     assert arenas[0] == plain and arenas[-1] < 0.5 * plain
 
 
-def test_infeasible_budget_names_the_smallest_feasible_one(gpt):
+def test_infeasible_budget_names_the_smallest_feasible_one(gpt, search):
     _, tg, layout = gpt
     with pytest.raises(MemoryBudgetError) as caught:
-        fit_memory_budget(tg.graph, "10%", None, layout)
+        fit_memory_budget(tg.graph, "10%", None, layout, search=search)
     err = caught.value
     assert isinstance(err, nnc.NNError)
     assert "cannot be met; the smallest feasible budget found is" in err.message
     least = int(err.message.split("smallest feasible budget found is ")[1].split(" ")[0])
     # the budget it names really is feasible, and one alignment step less is not
-    _, report = fit_memory_budget(tg.graph, least, None, layout)
+    _, report = fit_memory_budget(tg.graph, least, None, layout, search=search)
     assert report.figures["arena_bytes"] <= least
     with pytest.raises(MemoryBudgetError):
-        fit_memory_budget(tg.graph, least - 64, None, layout)
+        fit_memory_budget(tg.graph, least - 64, None, layout, search=search)
 
 
 @pytest.mark.slow
@@ -103,9 +110,11 @@ def test_budgeted_step_matches_unbudgeted_gradients():
     plain = nnc.compile(graph, train=True)
     budgeted = nnc.compile(graph, train=True, memory_budget="50%")
     figures = budgeted.manifest["train"]["figures"]["recompute"]
-    assert budgeted.manifest["train"]["arena_bytes"] <= figures["budget_bytes"] == plain.manifest["train"]["arena_bytes"] // 2
+    plain_arena = plain.manifest["train"]["arena_bytes"]
+    assert budgeted.manifest["train"]["arena_bytes"] <= figures["budget_bytes"] == plain_arena // 2
+    assert budgeted._trainer.arena.nbytes <= figures["budget_bytes"]          # what the module allocates
     assert figures["built_arena_bytes"] == budgeted.manifest["train"]["arena_bytes"]
-    assert figures["no_recompute_arena_bytes"] == plain.manifest["train"]["arena_bytes"]
+    assert figures["no_recompute_arena_bytes"] == plain_arena
     assert figures["recomputed_nodes"] > 0
     for p, q in zip(plain.parameters().values(), budgeted.parameters().values()):
         np.testing.assert_array_equal(p, q)
