@@ -81,7 +81,8 @@ class RematMapping:
 
         outputs = set(graph.outputs)
         external = {i.name for i in graph.inputs} | {p.name for p in graph.params}
-        forward_values = _ancestors(graph, graph.train.loss) if graph.train else set()
+        # a training graph's first output is its loss (autodiff.TrainingGraph)
+        forward_values = _ancestors(graph, graph.train.loss if graph.train else graph.outputs[0])
         names, index, parent, root = [], {}, {}, {}
         cost, mem, flops, edges, forward = [], [], [], [], []
         for node in graph.nodes:

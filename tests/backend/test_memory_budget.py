@@ -155,3 +155,41 @@ def test_cli_budget_errors_exit_2(tmp_path, capsys):
     assert "needs --train" in capsys.readouterr().err
     assert main([str(GPT), *CLI_SETS, "--train", "--memory-budget", "lots", "-o", out]) == 2
     assert "budget 'lots'" in capsys.readouterr().err
+
+
+DROPOUT_MLP = """
+dim B = 16
+block Layer(x: tensor) {
+    y = Linear(x, 128) |> BatchNorm1d() |> relu() |> Dropout(p=0.3)
+    return Linear(y, 64)
+}
+model net {
+    input x: f32[B, 64]
+    h = repeat 4 Layer(x) as layers
+    output h
+    train {
+        input labels: i64[B]
+        loss = cross_entropy(h, labels)
+        optimizer sgd(lr=0.1)
+    }
+}
+"""
+
+
+def test_recomputed_dropout_and_batch_norm_give_the_same_step():
+    """Duplicated dropout nodes draw the same mask (seed + step), batch norm the same statistics."""
+    graph = nnc.parse_text(DROPOUT_MLP)
+    tg = training_graph(graph)
+    layout = param_layout(graph.params, 64)
+    rewritten, report = fit_memory_budget(tg.graph, "50%", None, layout)
+    assert report.figures["arena_bytes"] <= report.figures["budget_bytes"]
+    copies = [n for n in rewritten.nodes if "_rc" in n.name]
+    assert any(n.op == "dropout" or "dropout" in str(n.attrs.get("body", "")) for n in copies)
+    assert any(n.op == "batch_norm" for n in copies)
+    rng = np.random.default_rng(0)
+    inputs = {"x": rng.standard_normal((16, 64)).astype(np.float32), "labels": rng.integers(0, 64, 16)}
+    if tg.step_input:
+        inputs[tg.step_input] = np.array(3, dtype=np.int64)
+    expected, got = run(tg.graph, inputs), run(rewritten, inputs)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-6, err_msg=name)
