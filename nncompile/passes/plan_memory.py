@@ -272,7 +272,7 @@ def solve_table(table: BufferTable, graph: Graph, options: MemoryOptions = Memor
     placement = min(candidates, key=lambda p: p.arena)
     greedy = placement.details.get("greedy_arena")
     if greedy is None:
-        greedy = packing_greedy.greedy_offsets(Problem.from_buffers(buffers, options.alignment), bound=0).arena
+        greedy = packing_greedy.greedy_offsets(Problem.from_buffers(buffers, options.alignment), bound=bound).arena
     figures["greedy_arena"] = int(greedy)
     figures["method"] = placement.method
     try:
