@@ -12,7 +12,8 @@ their layout reused (MEMO's bi-level plan, ``solvers/packing_blocks``). Every pl
 bound, their ratio, the arena with no reuse and the greedy arena, the solver's status and time.
 
     graph, report = plan_memory(graph, MemoryOptions(), workspace={"conv1": 4096})
-    report.plan.offsets["h"]   # byte offset of value h in the arena
+    report.plan.storage["h"]    # ("arena", byte offset of value h, 0)
+    report.plan.buffers[0]      # {"id", "kind", "values", "start", "end", "size", "offset"}
 """
 from __future__ import annotations
 
