@@ -103,23 +103,25 @@ def _bus_bandwidth_gbps(ranks: list[int], nbytes: int, repeats: int) -> float:
     return 2 * (n - 1) / n * nbytes / statistics.median(times) / 2**30
 
 
-def _concurrent_compute_speed(rank: int) -> float:
+def _concurrent_compute_speed(rank: int, matmuls: int = 20, repeats: int = 7) -> float:
     """Compute speed of a rank while all ranks compute, relative to one rank computing alone
     (below 1 when ranks share cores)."""
     a = torch.randn(256, 256, dtype=torch.float64)
-    work = lambda: [a @ a for _ in range(20)]  # noqa: E731
+    work = lambda: [a @ a for _ in range(matmuls)]  # noqa: E731
     dist.barrier()
-    alone = _time_ms(work) if rank == 0 else 0.0
+    alone = _time_ms(work, repeats) if rank == 0 else 0.0
     dist.barrier()
-    together = torch.tensor([_time_ms(work)])
+    together = torch.tensor([_time_ms(work, repeats)])
     dist.all_reduce(together, op=dist.ReduceOp.MAX)
     alone_t = torch.tensor([alone])
     dist.broadcast(alone_t, src=0)
     return min(1.0, alone_t.item() / together.item())
 
 
-def calibrate_worker(rank: int, world: int, out_dir: str, nbytes: int = 4 * 2**20, repeats: int = 5) -> None:
-    """Measure all-reduce (consecutive / strided groups) and p2p bandwidth; rank 0 writes cluster.json."""
+def calibrate_worker(rank: int, world: int, out_dir: str, nbytes: int = 4 * 2**20, repeats: int = 5,
+                     matmuls: int = 20) -> None:
+    """Measure all-reduce (consecutive / strided groups) and p2p bandwidth, latency and the compute
+    speed with all ranks busy (``matmuls`` 256x256 products per timing); rank 0 writes cluster.json."""
     table = {}
     size = 2
     while size <= world:
@@ -137,7 +139,7 @@ def calibrate_worker(rank: int, world: int, out_dir: str, nbytes: int = 4 * 2**2
             dist.all_reduce(measured, op=dist.ReduceOp.MIN)
             table[f"allreduce_size_{size}_consec_{consec}"] = measured.item()
         size *= 2
-    speed = _concurrent_compute_speed(rank)
+    speed = _concurrent_compute_speed(rank, matmuls, max(3, repeats))
     tiny = torch.zeros(1)
     lat = []
     for _ in range(repeats * 4):

@@ -2,8 +2,8 @@
 
 One launch of 4 processes trains a fresh TinyGPT for 5 SGD steps under each plan; the reference is
 plain single-process training on the same batches. float64 throughout, so the only differences are
-summation orders.
-"""
+summation orders. The model is examples/gpt.nn's network (tests/unit/test_parallel_model.py checks
+TinyGPT(head_bias=False) against its torch twin, examples/torch_models.Gpt)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ from nncompile.parallel.runner import launch, plans_worker
 from nncompile.parallel.runner_model import TinyGPT, make_batches, train_single_process
 
 LAYERS, STEPS, BATCH, LR = 4, 5, 8, 0.1
-MODEL = dict(vocab=64, d_model=32, n_head=4, n_layer=LAYERS, seq=8)
+MODEL = dict(vocab=64, d_model=32, n_head=4, n_layer=LAYERS, seq=8, head_bias=False)   # gpt.nn's network
 
 
 def plan(pp, tp, sdp=0, ckpt=0, consec=1, chunks=1, division=None):
