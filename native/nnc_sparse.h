@@ -177,9 +177,22 @@ inline void group_kernel(const float* const* vals, const int32_t* __restrict col
 }
 
 // Groups [g0, g1) over K block kblk; vals are the packed values (Pattern::values order).
+// Software prefetch of the next row tile's W lines (into L2), spread over the current tile's work, so
+// packing the next tile's values reads from L2 instead of waiting on L3 / memory.
+struct Prefetcher {
+    const char* base = nullptr;
+    long stride = 0;          // bytes between W rows
+    long lines_per_row = 0;
+    long total = 0, done = 0, per_step = 0;
+    void step() {
+        for (long i = 0; i < per_step && done < total; ++i, ++done)
+            _mm_prefetch(base + (done / lines_per_row) * stride + (done % lines_per_row) * 64, _MM_HINT_T1);
+    }
+};
+
 template <int V>
 inline void rows_chunk(const Pattern& p, int kblk, int g0, int g1, const float* vals, const float* xT, int ld,
-                       float* yT) {
+                       float* yT, Prefetcher& pf) {
     constexpr int U = V >= 4 ? 1 : (V == 2 ? 2 : 4);
     const int32_t* rowptr = p.rowptr + (long)kblk * p.rows;
     const bool first = kblk == 0;
@@ -188,6 +201,7 @@ inline void rows_chunk(const Pattern& p, int kblk, int g0, int g1, const float* 
         const int n1 = p.gstart ? p.gstart[g + 1] : g + 1;
         const int b = rowptr[n0], e = rowptr[n0 + 1];
         int n = n0;
+        pf.step();
         if (n1 - n0 > 1 && e > b) {
             const float* rv[4];
             for (; n + 4 <= n1; n += 4) {
@@ -207,17 +221,55 @@ inline void rows_chunk(const Pattern& p, int kblk, int g0, int g1, const float* 
     }
 }
 
-// Rows are tiled (about 256 rows of yT stay in L2) and, inside a tile, every K block runs over all
-// the tile's rows while its slice of xT (<= ~32 KB) stays in L1.
+// values[j] = W[n, cols[j]] for rows [n0, n1), walking W row by row.
+inline void pack_rows(const Pattern& p, const float* w, long ldw, int n0, int n1, float* values) {
+    const int nkb = p.n_kblocks(), N = p.rows;
+    for (int n = n0; n < n1; ++n) {
+        const float* wr = w + (long)n * ldw;
+        for (int kblk = 0; kblk < nkb; ++kblk) {
+            int j = p.rowptr[(long)kblk * N + n];
+            const int e = p.rowptr[(long)kblk * N + n + 1];
+            for (; j < e; ++j) values[j] = wr[p.cols[j]];
+        }
+    }
+}
+
+inline int group_row(const Pattern& p, int g) { return p.gstart ? p.gstart[g] : g; }
+
+inline int tile_end(const Pattern& p, int t0, int g1) {
+    int t1 = t0;
+    const int row0 = group_row(p, t0);
+    while (t1 < g1 && group_row(p, t1) - row0 < 128) ++t1;
+    return t1;
+}
+
+// Rows are tiled (about 128 rows of yT stay in L2) and, inside a tile, every K block runs over all the
+// tile's rows while its slice of xT stays near L1. With w (the first batch chunk, values not packed
+// yet), each tile packs its rows' values first, and prefetches the next tile's W lines meanwhile.
 template <int V>
-inline void rows_range(const Pattern& p, int g0, int g1, const float* vals, const float* xT, int ld, float* yT) {
+inline void rows_range(const Pattern& p, int g0, int g1, const float* w, float* vals, const float* xT, int ld,
+                       float* yT) {
     const int nkb = p.n_kblocks();
+    const long nnz = p.rowptr[(long)nkb * p.rows];
+    const bool prefetch = w != nullptr && (double)nnz / ((double)p.rows * p.k) > 0.04;
+    Prefetcher pf;
     int t0 = g0;
     while (t0 < g1) {
-        int t1 = t0;
-        const int row0 = p.gstart ? p.gstart[t0] : t0;
-        while (t1 < g1 && (p.gstart ? p.gstart[t1] : t1) - row0 < 256) ++t1;
-        for (int kblk = 0; kblk < nkb; ++kblk) rows_chunk<V>(p, kblk, t0, t1, vals, xT, ld, yT);
+        const int t1 = tile_end(p, t0, g1);
+        const int r0 = group_row(p, t0), r1 = t1 < g1 ? group_row(p, t1) : (g1 < (p.gstart ? p.n_groups : p.rows) ? group_row(p, g1) : p.rows);
+        if (w != nullptr) pack_rows(p, w, p.k, r0, r1, vals);
+        pf = Prefetcher();
+        if (prefetch && t1 < g1) {
+            const int t2 = tile_end(p, t1, g1);
+            const int r2 = t2 < g1 ? group_row(p, t2) : (g1 < (p.gstart ? p.n_groups : p.rows) ? group_row(p, g1) : p.rows);
+            pf.base = reinterpret_cast<const char*>(w + (long)r1 * p.k);
+            pf.stride = (long)p.k * 4;
+            pf.lines_per_row = (pf.stride + 63) / 64;
+            pf.total = (long)(r2 - r1) * pf.lines_per_row;
+            const long steps = (long)nkb * (t1 - t0);
+            pf.per_step = steps > 0 ? (pf.total + steps - 1) / steps : pf.total;
+        }
+        for (int kblk = 0; kblk < nkb; ++kblk) rows_chunk<V>(p, kblk, t0, t1, vals, xT, ld, yT, pf);
         t0 = t1;
     }
 }
@@ -225,29 +277,17 @@ inline void rows_range(const Pattern& p, int g0, int g1, const float* vals, cons
 inline int threads_for(long work) { return work > 200000 ? usable_threads() : 1; }
 
 template <int V>
-inline void run_chunk(const Pattern& p, const float* vals, const float* xT, int ld, float* yT) {
+inline void run_chunk(const Pattern& p, const float* w, float* vals, const float* xT, int ld, float* yT) {
     const int groups = p.gstart ? p.n_groups : p.rows;
     const int threads = std::min(threads_for((long)p.rowptr[(long)p.n_kblocks() * p.rows] * V), std::max(groups, 1));
     if (threads <= 1) {
-        rows_range<V>(p, 0, groups, vals, xT, ld, yT);
+        rows_range<V>(p, 0, groups, w, vals, xT, ld, yT);
         return;
     }
 #pragma omp parallel for schedule(static, 1) num_threads(threads)
     for (int t = 0; t < threads; ++t) {
         const int g0 = (int)((long)groups * t / threads), g1 = (int)((long)groups * (t + 1) / threads);
-        rows_range<V>(p, g0, g1, vals, xT, ld, yT);
-    }
-}
-
-// values[j] = W[n, cols[j]], walking W row by row (a streaming read of the rows' touched lines).
-inline void pack_values(const Pattern& p, const float* w, long ldw, float* values) {
-    const int nkb = p.n_kblocks(), N = p.rows;
-    const int threads = threads_for((long)p.rowptr[(long)nkb * N] * 4);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int n = 0; n < N; ++n) {
-        const float* wr = w + (long)n * ldw;
-        for (int kblk = 0; kblk < nkb; ++kblk)
-            for (int j = p.rowptr[(long)kblk * N + n]; j < p.rowptr[(long)kblk * N + n + 1]; ++j) values[j] = wr[p.cols[j]];
+        rows_range<V>(p, g0, g1, w, vals, xT, ld, yT);
     }
 }
 
@@ -294,29 +334,27 @@ __attribute__((noinline)) inline void linear(int M, const float* x, const float*
         detail::small_batch(M, x, w, p, y, ep);
         return;
     }
-    const float* vals = p.values;
-    if (vals == nullptr) {
-        float* packed = detail::scratch(2, (size_t)p.rowptr[(long)p.n_kblocks() * N] + 1);
-        detail::pack_values(p, w, K, packed);
-        vals = packed;
-    }
+    // values: frozen ones from the pattern, else packed from W by the first chunk (tile by tile)
+    float* packed = p.values ? nullptr : detail::scratch(2, (size_t)p.rowptr[(long)p.n_kblocks() * N] + 1);
+    float* vals = p.values ? const_cast<float*>(p.values) : packed;
     constexpr int CHUNK = 64;
     for (int m0 = 0; m0 < M; m0 += CHUNK) {
         const int mb = std::min(CHUNK, M - m0);
         const int V = (mb + 7) / 8;
         const int ld = 8 * V;
+        const float* wp = (packed && m0 == 0) ? w : nullptr;
         float* xT = detail::scratch(0, (size_t)K * ld);
         float* yT = detail::scratch(1, (size_t)N * ld);
         detail::transpose_in(x + (long)m0 * K, K, mb, K, xT, ld);
         switch (V) {
-            case 1: detail::run_chunk<1>(p, vals, xT, ld, yT); break;
-            case 2: detail::run_chunk<2>(p, vals, xT, ld, yT); break;
-            case 3: detail::run_chunk<3>(p, vals, xT, ld, yT); break;
-            case 4: detail::run_chunk<4>(p, vals, xT, ld, yT); break;
-            case 5: detail::run_chunk<5>(p, vals, xT, ld, yT); break;
-            case 6: detail::run_chunk<6>(p, vals, xT, ld, yT); break;
-            case 7: detail::run_chunk<7>(p, vals, xT, ld, yT); break;
-            default: detail::run_chunk<8>(p, vals, xT, ld, yT); break;
+            case 1: detail::run_chunk<1>(p, wp, vals, xT, ld, yT); break;
+            case 2: detail::run_chunk<2>(p, wp, vals, xT, ld, yT); break;
+            case 3: detail::run_chunk<3>(p, wp, vals, xT, ld, yT); break;
+            case 4: detail::run_chunk<4>(p, wp, vals, xT, ld, yT); break;
+            case 5: detail::run_chunk<5>(p, wp, vals, xT, ld, yT); break;
+            case 6: detail::run_chunk<6>(p, wp, vals, xT, ld, yT); break;
+            case 7: detail::run_chunk<7>(p, wp, vals, xT, ld, yT); break;
+            default: detail::run_chunk<8>(p, wp, vals, xT, ld, yT); break;
         }
         detail::transpose_out(yT, ld, mb, N, y + (long)m0 * N, N, ep, m0);
     }

@@ -14,7 +14,9 @@ The chooser (``choose``) is a cost model: the dense GEMM runs at DENSE_FLOPS, th
 SPARSE_FLOPS per useful FLOP over batch lanes padded to 8, plus the transposes of x and y. It keeps dense
 unless the sparse estimate is at least ``MARGIN`` times faster (as LIBXSMM does). With
 ``NNC_SPARSE_TIMING=1`` the choice is instead made by timing both kernels at compile time
-(``measure``); ``NNC_SPARSE_KERNEL=sparse|dense`` forces one (tests, benchmarks). Each decision, with its figures, is written as a comment above the layer's code and kept
+(``measure``); ``NNC_SPARSE_KERNEL=sparse|dense`` forces one (tests, benchmarks).
+``NNC_SPARSE_VALUES=baked`` also bakes the values of weights the graph carries (torch imports) into the
+code: faster (no per-call packing of W's scattered values) but frozen - later weight updates are not seen. Each decision, with its figures, is written as a comment above the layer's code and kept
 in ``DECISIONS[module_name]`` (the driver copies it into plan.json under ``"sparse"``).
 
 Training: ``sparse_weight_grad`` (dW on the pattern only) and ``sparse_mask`` (``nncompile/ops/sparse.py``)
@@ -199,9 +201,20 @@ def sparse_linear_call(ctx, args: list[str], out_ptr: str, epi: str) -> list[str
         return [comment]
     ptrs = [ctx.ptr(a) for a in args]
     lines = [comment, "{"] + ["    " + line for line in pattern_decl(w.sparsity, (n, k))]
+    frozen = ctx.emitter.graph.weights.get(args[1]) if os.environ.get("NNC_SPARSE_VALUES") == "baked" else None
+    if frozen is not None:
+        # opt-in: the values too are baked (frozen weights; later weight updates are NOT seen)
+        values = np.asarray(frozen, np.float32).reshape(-1)[csr.order]
+        lines.append(f"    static const float vals_[{max(len(values), 1)}] = {{")
+        for i in range(0, len(values), 16):
+            lines.append("        " + ",".join(f"{float(v).hex()}f" for v in values[i:i + 16]) + ",")
+        lines += ["    };" if len(values) else "    0.0f};", "    nnc::sparse::Pattern patv_ = pat_;", "    patv_.values = vals_;"]
+        decision["values"] = "baked"
     if len(args) == 3:
         lines.append(f"    {epi}.col_bias = {ptrs[2]};")
-    lines.append(f"    nnc::sparse::linear({m}, {ptrs[0]}, {ptrs[1]}, pat_, {out_ptr}, {epi});")
+    lines.append(f"    nnc::sparse::linear({m}, {ptrs[0]}, {ptrs[1]}, {'patv_' if frozen is not None else 'pat_'}, "
+                 f"{out_ptr}, {epi});")
+    _record(ctx, decision)
     lines.append("}")
     return lines
 

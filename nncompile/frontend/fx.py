@@ -63,15 +63,22 @@ def _first_lines(err: Exception, count: int = 4) -> str:
 
 # torch.export -----------------------------------------------------------------------------------
 
-def from_torch(module: nn.Module, example_inputs, *, decompose: bool = False) -> Graph:
+def from_torch(module: nn.Module, example_inputs, *, decompose: bool = False, sparsity=None) -> Graph:
     """Capture ``module`` with ``torch.export.export`` and lower its ATen graph to IR.
 
     ``decompose=True`` lowers the core-ATen graph of ``run_decompositions()`` instead (more, smaller
     ops: addmm, bmm, _softmax, native_layer_norm, ...). The module's train/eval mode is respected
     (call ``.eval()`` for inference: dropout off, batch norm on running statistics).
+    Weights pruned with ``torch.nn.utils.prune`` keep their mask as a fixed sparsity pattern;
+    ``sparsity="auto"`` also gives one to weights that are mostly exact zeros (``fx_sparse.py``).
     """
     if not isinstance(module, nn.Module):
         raise InputError(f"from_torch needs a torch.nn.Module, got {type(module).__name__}")
+    from nncompile.frontend.fx_sparse import apply_sparsity, pruned_copy
+
+    module, masks = pruned_copy(module)
+    if masks or sparsity is not None:
+        return apply_sparsity(from_torch(module, example_inputs, decompose=decompose), sparsity, masks)
     args = _example_tuple(example_inputs)
     try:
         with warnings.catch_warnings():  # torch-internal deprecation chatter while exporting

@@ -199,3 +199,71 @@ def test_sparse_ops_reject_bad_input():
         get_op("sparse_weight_grad").infer(TensorType((2, 8)), TensorType((3, 4)), sparse_w)
     with pytest.raises(ShapeError, match="sparse_mask"):
         get_op("sparse_mask").infer(TensorType((8, 5)), sparse_w)
+
+
+# From torch: torch.nn.utils.prune masks and sparsity="auto" -------------------------------------------
+
+
+def test_torch_pruned_linear_keeps_its_mask_and_matches_torch(monkeypatch):
+    import torch
+    import torch.nn as tnn
+    import torch.nn.utils.prune as prune
+
+    from nncompile.frontend.fx import from_torch
+
+    monkeypatch.setenv("NNC_SPARSE_KERNEL", "sparse")
+    torch.manual_seed(0)
+    module = tnn.Sequential(tnn.Linear(64, 96), tnn.ReLU(), tnn.Linear(96, 10))
+    prune.l1_unstructured(module[0], "weight", amount=0.8)
+    mask = module[0].weight_mask.numpy() != 0
+    x = torch.randn(12, 64)
+    graph = from_torch(module, (x,))
+    sparse = [p for p in graph.params if p.type.sparsity is not None]
+    assert len(sparse) == 1 and sparse[0].type.shape == (96, 64)
+    np.testing.assert_array_equal(sparse[0].type.sparsity.mask((96, 64)), mask)
+    # the user's module is untouched (still pruned through its hook)
+    assert hasattr(module[0], "weight_orig") and hasattr(module[0], "weight_mask")
+    model = nnc.compile(graph)
+    np.testing.assert_allclose(model(x.numpy()), module(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_torch_sparsity_auto_finds_mostly_zero_weights():
+    import torch
+    import torch.nn as tnn
+
+    from nncompile.errors import InputError
+    from nncompile.frontend.fx import from_torch
+
+    torch.manual_seed(1)
+    module = tnn.Sequential(tnn.Linear(32, 48), tnn.ReLU(), tnn.Linear(48, 8))
+    with torch.no_grad():
+        module[0].weight[torch.rand(48, 32) < 0.7] = 0.0       # 70% zeros: becomes sparse
+        module[2].weight[torch.rand(8, 48) < 0.3] = 0.0        # 30% zeros: stays dense
+    x = torch.randn(4, 32)
+    graph = from_torch(module, (x,), sparsity="auto")
+    kinds = {p.type.shape: p.type.sparsity for p in graph.params}
+    assert kinds[(48, 32)] is not None and kinds[(8, 48)] is None
+    np.testing.assert_array_equal(kinds[(48, 32)].mask((48, 32)), module[0].weight.detach().numpy() != 0)
+    assert all(p.type.sparsity is None for p in from_torch(module, (x,)).params)
+    with pytest.raises(InputError, match="sparsity="):
+        from_torch(module, (x,), sparsity="everything")
+
+
+@pytest.mark.slow
+def test_baked_values_opt_in_matches_torch(monkeypatch, tmp_path):
+    import torch
+    import torch.nn as tnn
+    import torch.nn.utils.prune as prune
+
+    from nncompile.frontend.fx import from_torch
+
+    monkeypatch.setenv("NNC_SPARSE_KERNEL", "sparse")
+    monkeypatch.setenv("NNC_SPARSE_VALUES", "baked")
+    torch.manual_seed(2)
+    module = tnn.Sequential(tnn.Linear(40, 72), tnn.GELU(), tnn.Linear(72, 6))
+    prune.random_unstructured(module[0], "weight", amount=0.9)
+    x = torch.randn(20, 40)
+    model = nnc.compile(from_torch(module, (x,)), out_dir=tmp_path)
+    assert "static const float vals_" in (tmp_path / "kernels.cpp").read_text()
+    assert any(d.get("values") == "baked" for d in cpp_sparse.DECISIONS[model.manifest["module_name"]])
+    np.testing.assert_allclose(model(x.numpy()), module(x).detach().numpy(), rtol=1e-4, atol=1e-5)
