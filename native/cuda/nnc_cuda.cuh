@@ -5,7 +5,15 @@
 // geometry of grid-stride loops. Everything here is header-only; the generated kernels.cu includes it.
 #pragma once
 
+#if defined(NNC_CUDA_HOST_EMULATION)
+#include "nnc_host_emulation.h"
+#define NNC_LAUNCH(kernel, grid, block, shared, stream) kernel
+#define NNC_DYNAMIC_SHARED(type, name) type* name = (type*)nnc_emu_shared
+#else
 #include <cuda_runtime.h>
+#define NNC_LAUNCH(kernel, grid, block, shared, stream) kernel<<<grid, block, shared, stream>>>
+#define NNC_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 #include <cstdint>
 #include <cmath>
 
@@ -16,7 +24,11 @@ constexpr int kBlock = 256;
 
 // Helpers and functors that are also host code: tests/cuda/host_check.cu runs them on the CPU
 // (the index math of the implicit GEMMs, the dropout hash, the optimizer updates).
+#if defined(NNC_CUDA_HOST_EMULATION)
+#define NNC_HD inline
+#else
 #define NNC_HD __host__ __device__ __forceinline__
+#endif
 
 // Blocks for a grid-stride loop over n elements (capped: each thread loops).
 inline unsigned grid_for(int64_t n, int block = kBlock) {
@@ -39,6 +51,12 @@ NNC_HD uint32_t dropout_hash(uint32_t seed, uint32_t i) {
     return h;
 }
 
+#if defined(NNC_CUDA_HOST_EMULATION)
+// one thread per block: a block reduction is the thread's own value
+template <class T>
+inline T block_sum(T v) { return v; }
+inline float block_max(float v) { return v; }
+#else
 // Block-wide reductions (blockDim.x a multiple of 32, <= 1024). Every thread gets the result.
 template <class T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -72,6 +90,8 @@ __device__ inline float block_max(float v) {
     float total = lane < warps ? part[lane] : -INFINITY;
     return warp_max(total);
 }
+
+#endif
 
 }  // namespace cuda
 }  // namespace nnc

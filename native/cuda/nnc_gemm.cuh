@@ -18,7 +18,7 @@
 #pragma once
 
 #include "nnc_cuda.cuh"
-#if defined(NNC_CUDA_TF32)
+#if defined(NNC_CUDA_TF32) && !defined(NNC_CUDA_HOST_EMULATION)
 #include <mma.h>
 #endif
 
@@ -80,6 +80,19 @@ struct StoreC {
     }
 };
 
+#if defined(NNC_CUDA_HOST_EMULATION)
+// host emulation: the same loaders, accumulation order (k ascending, fmaf) and store, in plain loops
+template <class LA, class LB, class ST>
+inline void gemm_launch(cudaStream_t, int M, int N, int K, int batches, const LA& la, const LB& lb, const ST& st) {
+    for (int z = 0; z < batches; ++z)
+        for (int m = 0; m < M; ++m)
+            for (int n = 0; n < N; ++n) {
+                float acc = 0.0f;
+                for (int k = 0; k < K; ++k) acc = fmaf(la(z, m, k), lb(z, k, n), acc);
+                st(z, m, n, acc);
+            }
+}
+#else
 template <int BM, int BN, int BK, int TM, int TN, class LA, class LB, class ST>
 __global__ void __launch_bounds__(256) gemm_kernel(int M, int N, int K, LA la, LB lb, ST st) {
     static_assert(BM == 16 * TM && BN == 16 * TN, "16 x 16 threads, TM x TN each");
@@ -227,6 +240,8 @@ inline void gemm_launch(cudaStream_t stream, int M, int N, int K, int batches, c
         gemm_kernel<64, 64, 16, 4, 4, LA, LB, ST><<<grid, block, 0, stream>>>(M, N, K, la, lb, st);
     }
 }
+
+#endif  // NNC_CUDA_HOST_EMULATION
 
 // Row-major SGEMM in the BLAS shape: C = epi(op(A) op(B)), batched with element strides.
 // (A template so that modules without a GEMM compile no GEMM kernel.)

@@ -8,7 +8,7 @@ Generated code::
         const float* const v0_x = (const float*)inputs[0];     // device pointers
         float* const v5_h = (float*)(arena + 4096);
         // h = relu(x)  @ mlp.nn:6:7
-        { k3_relu<<<grid, 256, 0, stream_>>>(v5_h, v0_x); }
+        { NNC_LAUNCH(k3_relu, grid, 256, 0, stream_)(v5_h, v0_x); }   // k3_relu<<<grid, 256, 0, stream_>>>
         ...
     }
 
@@ -131,7 +131,7 @@ class CudaContext:
         self.emitter.kernel_defs.append((self.node, "\n".join(
             [f"__global__ void __launch_bounds__({block if isinstance(block, int) else 1024}) {name}({', '.join(decls)}) {{"]
             + ["    " + line if line else "" for line in lines] + ["}", ""])))
-        return f"{name}<<<{grid}, {block}, {shared}, stream_>>>({', '.join(args)});"
+        return f"NNC_LAUNCH({name}, {grid}, {block}, {shared}, stream_)({', '.join(args)});"
 
     def launch(self, body: str | list[str], count, names, *, error: bool = False,
                extra: tuple[tuple[str, str], ...] = ()) -> str:
@@ -261,23 +261,23 @@ class CudaEmitter:
             "// optimizers over the fp32 parameter range [0, n) (torch.optim semantics, native/nnc_optim.h)",
             "NNC_EXPORT int nnc_sgd_step(float* p, const float* g, float* buf, long long n, float lr, float momentum, float dampening,",
             "                 float weight_decay, int nesterov, int first, void* stream) {",
-            "    nnc::cuda::sgd_kernel<<<nnc::cuda::grid_for(n), nnc::cuda::kBlock, 0, (cudaStream_t)stream>>>(",
+            "    NNC_LAUNCH(nnc::cuda::sgd_kernel, nnc::cuda::grid_for(n), nnc::cuda::kBlock, 0, (cudaStream_t)stream)(",
             "        p, g, buf, n, lr, momentum, dampening, weight_decay, nesterov != 0, first != 0);",
             "    return cudaGetLastError() == cudaSuccess ? 0 : -1;",
             "}",
             "NNC_EXPORT int nnc_adam_step(float* p, const float* g, float* m, float* v, long long n, float lr, float beta1, float beta2,",
             "                  float eps, float weight_decay, int decoupled, long long step, void* stream) {",
             "    const nnc::cuda::AdamScalars a = nnc::cuda::adam_scalars(lr, beta1, beta2, weight_decay, decoupled != 0, step);",
-            "    nnc::cuda::adam_kernel<<<nnc::cuda::grid_for(n), nnc::cuda::kBlock, 0, (cudaStream_t)stream>>>(",
+            "    NNC_LAUNCH(nnc::cuda::adam_kernel, nnc::cuda::grid_for(n), nnc::cuda::kBlock, 0, (cudaStream_t)stream)(",
             "        p, g, m, v, n, a.step_size, a.bc2_sqrt, beta1, beta2, eps, weight_decay, a.decay, decoupled != 0);",
             "    return cudaGetLastError() == cudaSuccess ? 0 : -1;",
             "}",
             "NNC_EXPORT int nnc_accumulate(float* acc, const float* g, long long n, int first, void* stream) {",
-            "    nnc::cuda::accumulate_kernel<<<nnc::cuda::grid_for(n), nnc::cuda::kBlock, 0, (cudaStream_t)stream>>>(acc, g, n, first != 0);",
+            "    NNC_LAUNCH(nnc::cuda::accumulate_kernel, nnc::cuda::grid_for(n), nnc::cuda::kBlock, 0, (cudaStream_t)stream)(acc, g, n, first != 0);",
             "    return cudaGetLastError() == cudaSuccess ? 0 : -1;",
             "}",
             "NNC_EXPORT int nnc_divide(float* dst, const float* src, long long n, float divisor, void* stream) {",
-            "    nnc::cuda::divide_kernel<<<nnc::cuda::grid_for(n), nnc::cuda::kBlock, 0, (cudaStream_t)stream>>>(dst, src, n, divisor);",
+            "    NNC_LAUNCH(nnc::cuda::divide_kernel, nnc::cuda::grid_for(n), nnc::cuda::kBlock, 0, (cudaStream_t)stream)(dst, src, n, divisor);",
             "    return cudaGetLastError() == cudaSuccess ? 0 : -1;",
             "}",
             "",

@@ -377,7 +377,7 @@ def _attention_rows(ctx: CudaContext, node: Node, write_probs: bool) -> str:
     qp, kp = ctx.ptr(node.inputs[0]), ctx.ptr(node.inputs[1])
     valid = f"min(i_ + 1, {s}LL)" if node.attrs["causal"] else f"{s}LL"
     lines = [
-        "extern __shared__ float smem_[];",
+        "NNC_DYNAMIC_SHARED(float, smem_);",
         f"float* sc_ = smem_; float* qs_ = smem_ + {s};",
         f"const long long b_ = r_ / {length}, i_ = r_ % {length};",
         f"const float* qrow_ = {qp} + r_ * {d};",
