@@ -66,7 +66,7 @@ def run(quick: bool) -> str:
 
     for model in models.values():
         model.set_threads(1)
-    reps, rounds = (3, 5) if quick else (2, 5)
+    reps, rounds = (5, 11) if quick else (3, 9)
     wall = {label: [] for label in models}
     cpu = {label: [] for label in models}
     load_before = os.getloadavg()[0]
