@@ -395,6 +395,59 @@ __attribute__((noinline)) inline void weight_grad(int M, const float* dy, const 
     }
 }
 
+namespace detail {
+
+template <int V>
+inline void input_grad_chunk(const Pattern& p, const float* vals, const float* gT, float* dxT) {
+    constexpr int ld = 8 * V;
+    const int N = p.rows, nkb = p.n_kblocks();
+    for (int n = 0; n < N; ++n) {
+        __m256 g[V];
+        for (int v = 0; v < V; ++v) g[v] = _mm256_load_ps(gT + (long)n * ld + 8 * v);
+        for (int kblk = 0; kblk < nkb; ++kblk)
+            for (int j = p.rowptr[(long)kblk * N + n]; j < p.rowptr[(long)kblk * N + n + 1]; ++j) {
+                const __m256 wv = _mm256_broadcast_ss(vals + j);
+                float* dst = dxT + (long)p.cols[j] * ld;
+                for (int v = 0; v < V; ++v) _mm256_store_ps(dst + 8 * v, _mm256_fmadd_ps(wv, g[v], _mm256_load_ps(dst + 8 * v)));
+            }
+    }
+}
+
+}  // namespace detail
+
+// Training: dX[M, K] = dY[M, N] @ W restricted to the pattern (each nonzero scatters one FMA per batch
+// lane into dX^T, vectorized over the batch).
+__attribute__((noinline)) inline void input_grad(int M, const float* dy, const float* w, const Pattern& p, float* dx) {
+    const int N = p.rows, K = p.k;
+    if (M <= 0 || K <= 0) return;
+    float* vals = const_cast<float*>(p.values);
+    if (vals == nullptr) {
+        vals = detail::scratch(2, (size_t)p.rowptr[(long)p.n_kblocks() * N] + 1);
+        detail::pack_rows(p, w, K, 0, N, vals);
+    }
+    constexpr int CHUNK = 64;
+    for (int m0 = 0; m0 < M; m0 += CHUNK) {
+        const int mb = std::min(CHUNK, M - m0);
+        const int V = (mb + 7) / 8;
+        const int ld = 8 * V;
+        float* gT = detail::scratch(0, (size_t)N * ld);
+        float* dxT = detail::scratch(1, (size_t)K * ld);
+        detail::transpose_in(dy + (long)m0 * N, N, mb, N, gT, ld);
+        std::memset(dxT, 0, sizeof(float) * (size_t)K * ld);
+        switch (V) {
+            case 1: detail::input_grad_chunk<1>(p, vals, gT, dxT); break;
+            case 2: detail::input_grad_chunk<2>(p, vals, gT, dxT); break;
+            case 3: detail::input_grad_chunk<3>(p, vals, gT, dxT); break;
+            case 4: detail::input_grad_chunk<4>(p, vals, gT, dxT); break;
+            case 5: detail::input_grad_chunk<5>(p, vals, gT, dxT); break;
+            case 6: detail::input_grad_chunk<6>(p, vals, gT, dxT); break;
+            case 7: detail::input_grad_chunk<7>(p, vals, gT, dxT); break;
+            default: detail::input_grad_chunk<8>(p, vals, gT, dxT); break;
+        }
+        detail::transpose_out(dxT, ld, mb, K, dx + (long)m0 * K, K, Epilogue(), m0);
+    }
+}
+
 // A plain CSR loop (one row of x at a time, no batch vectorization): the bench's hand-written baseline.
 inline void linear_naive(int M, const float* x, const float* w, const Pattern& p, float* y) {
     const int N = p.rows, K = p.k;

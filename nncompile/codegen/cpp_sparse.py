@@ -231,6 +231,28 @@ def emit_sparse_weight_grad(ctx, node) -> str:
     return "\n".join(lines)
 
 
+def emit_sparse_input_grad(ctx, node) -> str:
+    g, w = node.inputs
+    wt = ctx.type(w)
+    if wt.dtype != "f32":
+        raise BuildError(f"sparse_input_grad: the C++ backend needs f32, got {wt.dtype}", node.loc)
+    m = ctx.type(g).shape[0]
+    n, k = wt.shape
+    csr = csr_pattern(wt.sparsity, (n, k))
+    # the scatter form stores every partial sum: about 1.5x the forward kernel's cost per nonzero
+    decision = choose(m, k, n, int(csr.nnz * 1.5))
+    decision.update(weight=w, pattern=str(wt.sparsity), role="input gradient (dY @ W)")
+    _record(ctx, decision)
+    comment = f"// sparse weight {w}, dY @ W: {decision['kernel']} kernel ({decision['why']})"
+    if decision["kernel"] == "dense" or m == 0:
+        return "\n".join([comment, f"nnc::sgemm(false, false, {m}, {k}, {n}, {ctx.ptr(g)}, {n}, {ctx.ptr(w)}, {k}, "
+                                    f"{ctx.out}, {k}, 0.0f);"])
+    lines = [comment, "{"] + ["    " + line for line in pattern_decl(wt.sparsity, wt.shape)]
+    lines.append(f"    nnc::sparse::input_grad({m}, {ctx.ptr(g)}, {ctx.ptr(w)}, pat_, {ctx.out});")
+    lines.append("}")
+    return "\n".join(lines)
+
+
 def emit_sparse_mask(ctx, node) -> str:
     g, w = node.inputs
     wt = ctx.type(w)
@@ -261,6 +283,7 @@ def register() -> None:
 
     set_rule("sparse_weight_grad", "emit_cpp", emit_sparse_weight_grad)
     set_rule("sparse_mask", "emit_cpp", emit_sparse_mask)
+    set_rule("sparse_input_grad", "emit_cpp", emit_sparse_input_grad)
 
 
 # A small ctypes library over nnc_sparse.h / nnc_gemm.h with the pattern passed at run time: the same
@@ -281,6 +304,11 @@ void nnc_sp_weight_grad(int M, int N, int K, const float* dy, const float* x, co
                         const int32_t* cols, float* dw, int kb) {
     nnc::sparse::Pattern p{N, K, rowptr, cols, N, nullptr, kb};
     nnc::sparse::weight_grad(M, dy, x, p, dw);
+}
+void nnc_sp_input_grad(int M, int N, int K, const float* dy, const float* w, const int32_t* rowptr,
+                       const int32_t* cols, float* dx, int kb) {
+    nnc::sparse::Pattern p{N, K, rowptr, cols, N, nullptr, kb};
+    nnc::sparse::input_grad(M, dy, w, p, dx);
 }
 void nnc_sp_naive(int M, int N, int K, const float* x, const float* w, const int32_t* rowptr, const int32_t* cols,
                   float* y, int kb) {
@@ -361,6 +389,12 @@ class NativeSparse:
         self.lib.nnc_sp_weight_grad(x.shape[0], self.n, self.k, _p(dy), _p(x), _p(self.rowptr), _p(self.cols), _p(dw),
                                     self.csr.kb)
         return dw
+
+    def input_grad(self, dy, w, out=None):
+        dx = np.empty((dy.shape[0], self.k), np.float32) if out is None else out
+        self.lib.nnc_sp_input_grad(dy.shape[0], self.n, self.k, _p(dy), _p(w), _p(self.rowptr), _p(self.cols), _p(dx),
+                                   self.csr.kb)
+        return dx
 
     def naive(self, x, w, out=None):
         y = np.empty((x.shape[0], self.n), np.float32) if out is None else out

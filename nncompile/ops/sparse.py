@@ -1,5 +1,6 @@
 """Ops for training weights with a fixed sparsity pattern (the weight's type carries the pattern).
 
+``sparse_input_grad(grad, weight)`` is ``grad @ weight`` (linear's input gradient) through the pattern;
 ``sparse_weight_grad(grad, x, weight)`` is the weight gradient of ``linear(x, weight)`` computed on the
 pattern only (a sampled product ``grad^T @ x``); ``sparse_mask(g, weight)`` zeroes a gradient off the
 pattern. Both output exact zeros off the pattern, so every optimizer (sgd with momentum / weight decay,
@@ -51,13 +52,30 @@ if "sparse_weight_grad" not in OPS:
           doc="g on the weight's sparsity pattern, zero elsewhere")
 
 
+def _igrad_infer(grad, weight):
+    require_float("sparse_input_grad", grad, weight)
+    if weight.sparsity is None or weight.rank != 2 or grad.rank != 2 or grad.shape[1] != weight.shape[0]:
+        raise ShapeError(f"sparse_input_grad: expects grad [M, N] and a sparse weight [N, K]; got {grad}, {weight}")
+    return TensorType((grad.shape[0], weight.shape[1]), grad.dtype)
+
+
+if "sparse_input_grad" not in OPS:
+    defop("sparse_input_grad", inputs=("grad", "weight"), infer=_igrad_infer,
+          ref=lambda grad, weight: (grad @ weight).astype(grad.dtype),
+          cost=lambda out, g, w: Cost(int(2 * g.shape[0] * w.numel * (w.sparsity.expected_density or 1.0)),
+                                      g.nbytes + w.nbytes, out.nbytes),
+          family="sparse", doc="grad @ weight for a sparse weight (the input gradient of linear)")
+
+
 def vjp_sparse_linear(ctx, node, g, x, weight, bias=None):
     """linear's vjp when the weight is sparse: dW only on the pattern."""
     xt, wt = ctx.type(x), ctx.type(weight)
-    gx = ctx.op("matmul", [g, weight])
     rows = xt.numel // xt.shape[-1] if xt.shape[-1] else 0
     g2 = g if ctx.type(g).rank == 2 else ctx.op("reshape", [g], shape=(rows, wt.shape[0]))
     x2 = x if xt.rank == 2 else ctx.op("reshape", [x], shape=(rows, wt.shape[1]))
+    gx = ctx.op("sparse_input_grad", [g2, weight])
+    if xt.rank != 2:
+        gx = ctx.op("reshape", [gx], shape=xt.shape)
     grads = [gx, ctx.op("sparse_weight_grad", [g2, x2, weight])]
     if bias is not None:
         grads.append(ctx.op("sum", [g2], axes=(0,), keepdim=False))

@@ -77,6 +77,18 @@ def test_sparse_weight_grad_matches_masked_dense(pattern, m):
     assert np.all(dw[~mask] == 0.0)
 
 
+@given(patterns(), st.sampled_from([1, 6, 8, 40, 65]))
+def test_sparse_input_grad_matches_masked_dense(pattern, m):
+    mask, kb, rng = pattern
+    n, k = mask.shape
+    ns = cpp_sparse.NativeSparse(mask, kb)
+    dy = rng.standard_normal((m, n)).astype(np.float32)
+    w = np.where(mask, rng.standard_normal((n, k)), -5e5).astype(np.float32)   # garbage off the pattern
+    dx = ns.input_grad(dy, w)
+    ref = dy.astype(np.float64) @ np.where(mask, w, 0).astype(np.float64)
+    np.testing.assert_allclose(dx, ref, rtol=1e-4, atol=1e-4 * max(1.0, np.sqrt(n)))
+
+
 def test_pattern_tables_are_k_blocked_csr():
     mask = np.zeros((4, 600), bool)
     mask[0, [1, 300, 599]] = True

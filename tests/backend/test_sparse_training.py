@@ -113,6 +113,7 @@ def test_training_graph_uses_pattern_only_gradients():
         while node.op == "identity":
             node = producers[node.inputs[0]]
         assert node.op == "sparse_weight_grad", (name, node.op)
+    assert {n.inputs[1] for n in tg.graph.nodes if n.op == "sparse_input_grad"} == set(SPARSE)
     # the interpreter agrees with the masked dense gradient
     rng = np.random.default_rng(1)
     from nncompile.ir.init import materialize
