@@ -28,7 +28,8 @@ def _sigmoid_of(ctx, x):
 # elementwise -----------------------------------------------------------------------------------------
 
 def vjp_relu(ctx, node, g, x):
-    return (_mask(ctx, ctx.op("gt", [x, ctx.const(0.0)]), g),)
+    # relu(x) > 0 exactly where x > 0: reading the output lets the input die after the forward
+    return (_mask(ctx, ctx.op("gt", [node.name, ctx.const(0.0)]), g),)
 
 
 def vjp_leaky_relu(ctx, node, g, x):
