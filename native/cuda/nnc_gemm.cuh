@@ -80,66 +80,58 @@ struct StoreC {
     }
 };
 
-#if defined(NNC_CUDA_HOST_EMULATION)
-// host emulation: the same loaders, accumulation order (k ascending, fmaf) and store, in plain loops
-template <class LA, class LB, class ST>
-inline void gemm_launch(cudaStream_t, int M, int N, int K, int batches, const LA& la, const LB& lb, const ST& st) {
-    for (int z = 0; z < batches; ++z)
-        for (int m = 0; m < M; ++m)
-            for (int n = 0; n < N; ++n) {
-                float acc = 0.0f;
-                for (int k = 0; k < K; ++k) acc = fmaf(la(z, m, k), lb(z, k, n), acc);
-                st(z, m, n, acc);
-            }
-}
-#else
-template <int BM, int BN, int BK, int TM, int TN, class LA, class LB, class ST>
-__global__ void __launch_bounds__(256) gemm_kernel(int M, int N, int K, LA la, LB lb, ST st) {
-    static_assert(BM == 16 * TM && BN == 16 * TN, "16 x 16 threads, TM x TN each");
-    __shared__ float As[BK][BM + 4];
-    __shared__ float Bs[BK][BN + 4];
-    const int z = blockIdx.z;
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-    float acc[TM][TN];
+// The fp32 tiled kernel in three per-thread phases (load a BK slice of A and B into the tile, multiply
+// the slice into the thread's TM x TN registers, store): the GPU kernel runs them with __syncthreads()
+// in between; gemm_tiled_host runs them thread after thread, so the tiling itself is testable on a CPU.
+template <int BM, int BN, int BK>
+struct GemmTile {
+    float As[BK][BM + 4];   // k-major, padded against bank conflicts
+    float Bs[BK][BN + 4];
+};
+
+template <int BM, int BN, int BK, class LA, class LB>
+NNC_HD void gemm_load(GemmTile<BM, BN, BK>& t, int tid, int z, int m0, int n0, int k0, int M, int N, int K,
+                      const LA& la, const LB& lb) {
+    const bool a_k_fast = la.col_fast();    // A(m, k): consecutive threads walk k when k is contiguous
+    const bool b_n_fast = lb.col_fast();    // B(k, n): ... walk n when n is contiguous
 #pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
-    const bool a_k_fast = la.col_fast();    // A(m, k): columns are k
-    const bool b_n_fast = lb.col_fast();    // B(k, n): columns are n
-    for (int k0 = 0; k0 < K; k0 += BK) {
-#pragma unroll
-        for (int i = 0; i < (BM * BK) / 256; ++i) {
-            const int idx = tid + i * 256;
-            const int mm = a_k_fast ? idx / BK : idx % BM;
-            const int kk = a_k_fast ? idx % BK : idx / BM;
-            const int m = m0 + mm, k = k0 + kk;
-            As[kk][mm] = (m < M && k < K) ? la(z, m, k) : 0.0f;
-        }
-#pragma unroll
-        for (int i = 0; i < (BN * BK) / 256; ++i) {
-            const int idx = tid + i * 256;
-            const int nn = b_n_fast ? idx % BN : idx / BK;
-            const int kk = b_n_fast ? idx / BN : idx % BK;
-            const int n = n0 + nn, k = k0 + kk;
-            Bs[kk][nn] = (n < N && k < K) ? lb(z, k, n) : 0.0f;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < BK; ++kk) {
-            float a[TM], b[TN];
-#pragma unroll
-            for (int i = 0; i < TM; ++i) a[i] = As[kk][ty + 16 * i];
-#pragma unroll
-            for (int j = 0; j < TN; ++j) b[j] = Bs[kk][tx + 16 * j];
-#pragma unroll
-            for (int i = 0; i < TM; ++i)
-#pragma unroll
-                for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-        }
-        __syncthreads();
+    for (int i = 0; i < (BM * BK) / 256; ++i) {
+        const int idx = tid + i * 256;
+        const int mm = a_k_fast ? idx / BK : idx % BM;
+        const int kk = a_k_fast ? idx % BK : idx / BM;
+        const int m = m0 + mm, k = k0 + kk;
+        t.As[kk][mm] = (m < M && k < K) ? la(z, m, k) : 0.0f;
     }
+#pragma unroll
+    for (int i = 0; i < (BN * BK) / 256; ++i) {
+        const int idx = tid + i * 256;
+        const int nn = b_n_fast ? idx % BN : idx / BK;
+        const int kk = b_n_fast ? idx / BN : idx % BK;
+        const int n = n0 + nn, k = k0 + kk;
+        t.Bs[kk][nn] = (n < N && k < K) ? lb(z, k, n) : 0.0f;
+    }
+}
+
+template <int BM, int BN, int BK, int TM, int TN>
+NNC_HD void gemm_multiply(const GemmTile<BM, BN, BK>& t, int tid, float (&acc)[TM][TN]) {
+    const int tx = tid % 16, ty = tid / 16;   // rows ty + 16 i, columns tx + 16 j
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+        float a[TM], b[TN];
+#pragma unroll
+        for (int i = 0; i < TM; ++i) a[i] = t.As[kk][ty + 16 * i];
+#pragma unroll
+        for (int j = 0; j < TN; ++j) b[j] = t.Bs[kk][tx + 16 * j];
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+}
+
+template <int TM, int TN, class ST>
+NNC_HD void gemm_store(int tid, int z, int m0, int n0, int M, int N, const float (&acc)[TM][TN], const ST& st) {
+    const int tx = tid % 16, ty = tid / 16;
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         const int m = m0 + ty + 16 * i;
@@ -150,6 +142,63 @@ __global__ void __launch_bounds__(256) gemm_kernel(int M, int N, int K, LA la, L
             if (n < N) st(z, m, n, acc[i][j]);
         }
     }
+}
+
+// the tile shape gemm_launch picks: 128x128 (8x8 per thread) when there are enough such tiles
+NNC_HD bool gemm_big_tiles(int M, int N, int batches) {
+    return (long long)((M + 127) / 128) * ((N + 127) / 128) * batches >= 64;
+}
+
+// The GPU kernel's arithmetic on the CPU: every block, thread after thread per phase.
+template <int BM, int BN, int BK, int TM, int TN, class LA, class LB, class ST>
+inline void gemm_tiled_host(int M, int N, int K, int batches, const LA& la, const LB& lb, const ST& st) {
+    static_assert(BM == 16 * TM && BN == 16 * TN, "16 x 16 threads, TM x TN each");
+    static GemmTile<BM, BN, BK> tile;
+    static float acc[256][TM][TN];
+    for (int z = 0; z < batches; ++z)
+        for (int m0 = 0; m0 < M; m0 += BM)
+            for (int n0 = 0; n0 < N; n0 += BN) {
+                for (int tid = 0; tid < 256; ++tid)
+                    for (int i = 0; i < TM; ++i)
+                        for (int j = 0; j < TN; ++j) acc[tid][i][j] = 0.0f;
+                for (int k0 = 0; k0 < K; k0 += BK) {
+                    for (int tid = 0; tid < 256; ++tid) gemm_load(tile, tid, z, m0, n0, k0, M, N, K, la, lb);
+                    for (int tid = 0; tid < 256; ++tid) gemm_multiply(tile, tid, acc[tid]);
+                }
+                for (int tid = 0; tid < 256; ++tid) gemm_store(tid, z, m0, n0, M, N, acc[tid], st);
+            }
+}
+
+template <class LA, class LB, class ST>
+inline void gemm_host(int M, int N, int K, int batches, const LA& la, const LB& lb, const ST& st) {
+    if (M <= 0 || N <= 0 || batches <= 0) return;
+    if (gemm_big_tiles(M, N, batches)) gemm_tiled_host<128, 128, 8, 8, 8>(M, N, K, batches, la, lb, st);
+    else gemm_tiled_host<64, 64, 16, 4, 4>(M, N, K, batches, la, lb, st);
+}
+
+#if defined(NNC_CUDA_HOST_EMULATION)
+template <class LA, class LB, class ST>
+inline void gemm_launch(cudaStream_t, int M, int N, int K, int batches, const LA& la, const LB& lb, const ST& st) {
+    gemm_host(M, N, K, batches, la, lb, st);   // (the TF32 variant is not emulated)
+}
+#else
+template <int BM, int BN, int BK, int TM, int TN, class LA, class LB, class ST>
+__global__ void __launch_bounds__(256) gemm_kernel(int M, int N, int K, LA la, LB lb, ST st) {
+    static_assert(BM == 16 * TM && BN == 16 * TN, "16 x 16 threads, TM x TN each");
+    __shared__ GemmTile<BM, BN, BK> tile;
+    const int z = blockIdx.z, m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, tid = threadIdx.x;
+    float acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+    for (int k0 = 0; k0 < K; k0 += BK) {
+        gemm_load(tile, tid, z, m0, n0, k0, M, N, K, la, lb);
+        __syncthreads();
+        gemm_multiply(tile, tid, acc);
+        __syncthreads();
+    }
+    gemm_store(tid, z, m0, n0, M, N, acc, st);
 }
 
 #if defined(NNC_CUDA_TF32)
@@ -226,9 +275,8 @@ __global__ void __launch_bounds__(256) gemm_kernel_tf32(int M, int N, int K, LA 
 template <class LA, class LB, class ST>
 inline void gemm_launch(cudaStream_t stream, int M, int N, int K, int batches, const LA& la, const LB& lb, const ST& st) {
     if (M <= 0 || N <= 0 || batches <= 0) return;
-    const long long big_tiles = (long long)((M + 127) / 128) * ((N + 127) / 128) * batches;
     const dim3 block(256);
-    if (big_tiles >= 64) {
+    if (gemm_big_tiles(M, N, batches)) {
         const dim3 grid((N + 127) / 128, (M + 127) / 128, batches);
 #if defined(NNC_CUDA_TF32)
         gemm_kernel_tf32<LA, LB, ST><<<grid, block, 0, stream>>>(M, N, K, la, lb, st);

@@ -1,8 +1,8 @@
 // host_check.cu - runs the CUDA target's __host__ __device__ pieces on the CPU, for
-// tests/cuda/test_cuda_host.py (no GPU needed): the implicit-GEMM loaders and stores of the three
-// convolutions and of the strided SGEMM with its epilogue (each driven by a plain loop in place of
-// the tiled kernel, accumulating in k order with fmaf as each GPU thread does), the dropout hash and
-// the optimizer updates.
+// tests/cuda/test_cuda_host.py (no GPU needed): the tiled fp32 GEMM (its load / multiply / store
+// phases run thread after thread, as gemm_tiled_host does) with the implicit-GEMM loaders and stores of
+// the three convolutions and the strided SGEMM with its epilogue, the dropout hash and the optimizer
+// updates.
 #include "nnc_conv.cuh"
 #include "nnc_optim.cuh"
 
@@ -10,16 +10,10 @@ using namespace nnc::cuda;
 
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
-struct HostGemm {
+struct HostGemm {      // the GPU kernel's tiling and arithmetic, thread after thread (nnc_gemm.cuh)
     template <class LA, class LB, class ST>
     void operator()(int M, int N, int K, int batches, const LA& la, const LB& lb, const ST& st) const {
-        for (int z = 0; z < batches; ++z)
-            for (int m = 0; m < M; ++m)
-                for (int n = 0; n < N; ++n) {
-                    float acc = 0.0f;
-                    for (int k = 0; k < K; ++k) acc = fmaf(la(z, m, k), lb(z, k, n), acc);
-                    st(z, m, n, acc);
-                }
+        gemm_host(M, N, K, batches, la, lb, st);
     }
 };
 

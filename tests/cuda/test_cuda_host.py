@@ -1,10 +1,11 @@
 """The CUDA target's index math and arithmetic, run on the CPU (no GPU needed; nvcc needed).
 
-``host_check.cu`` drives the ``__host__ __device__`` pieces of ``native/cuda`` with plain loops in place
-of the tiled GPU kernel: the loaders and stores of the three implicit-GEMM convolutions and of the
-strided SGEMM (with its bias / activation / residual / alpha / beta epilogue), the dropout hash and the
-sgd / adam updates. References: the op table's NumPy semantics and torch.optim on the CPU. What this
-does not cover is the tiling of ``gemm_kernel`` itself and the generated kernels (test_cuda_ops.py, GPU).
+``host_check.cu`` drives the ``__host__ __device__`` pieces of ``native/cuda``: the tiled fp32 GEMM
+(the kernel's load / multiply / store phases, run thread after thread for every block, both tile
+shapes), the loaders and stores of the three implicit-GEMM convolutions and of the strided SGEMM
+(with its bias / activation / residual / alpha / beta epilogue), the dropout hash and the sgd / adam
+updates. References: the op table's NumPy semantics and torch.optim on the CPU. Not covered: the
+TF32 (WMMA) kernel, races and synchronization (test_cuda_ops.py, GPU).
 """
 from __future__ import annotations
 
@@ -94,9 +95,10 @@ def test_conv_grad_loaders(lib, x_shape, w_shape, attrs):
 
 
 @pytest.mark.parametrize("ta, tb", [(0, 0), (0, 1), (1, 0), (1, 1)])
-def test_strided_sgemm_and_epilogue(lib, ta, tb):
+@pytest.mark.parametrize("batches, m, n, k", [(2, 7, 9, 5), (1, 70, 130, 37), (1, 1030, 1025, 9)])
+def test_strided_sgemm_and_epilogue(lib, ta, tb, batches, m, n, k):
+    """64x64 tiles (one partial, several), and 128x128 tiles (>= 64 of them) with ragged edges."""
     rng = np.random.default_rng(2)
-    batches, m, n, k = 2, 7, 9, 5
     a = f32(rng, batches, *((k, m) if ta else (m, k)))
     b = f32(rng, batches, *((n, k) if tb else (k, n)))
     c = f32(rng, batches, m, n)
@@ -109,7 +111,7 @@ def test_strided_sgemm_and_epilogue(lib, ta, tb):
     op_a = a.transpose(0, 2, 1) if ta else a
     op_b = b.transpose(0, 2, 1) if tb else b
     expected = np.tanh(0.5 * (op_a @ op_b) + 2.0 * c + bias) + residual
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("act", sorted(ACT))
