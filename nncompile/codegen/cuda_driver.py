@@ -13,6 +13,7 @@ import hashlib
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class _Built:
     source: object
     path: Path
     cache_hit: bool
+    seconds: float = 0.0      # the nvcc run (or cache lookup) alone
 
 
 def _type_json(name: str, t) -> dict:
@@ -46,8 +48,8 @@ def build_options(options):
     return CudaBuildOptions(arch=getattr(options, "cuda_arch", None), tf32=tf32)
 
 
-def _build(graph: Graph, options, layout, keep_inputs: bool, say) -> _Built:
-    from nncompile.codegen.build_cuda import build_cuda_module
+def _prepare(graph: Graph, options, layout, keep_inputs: bool, say):
+    """Passes and CUDA emission (Python); the nvcc run is separate so that two modules compile at once."""
     from nncompile.codegen.cuda import CudaEmitter
     from nncompile.codegen.cuda_ops_nn import workspace_bytes
     from nncompile.passes.pipeline import run_pipeline
@@ -57,10 +59,16 @@ def _build(graph: Graph, options, layout, keep_inputs: bool, say) -> _Built:
     say("generating CUDA")
     probe = CudaEmitter(lowered, plan, "nnc_module").emit_kernels()[0]
     module_name = "nncu_" + hashlib.sha256(probe.encode()).hexdigest()[:16]
-    source = CudaEmitter(lowered, plan, module_name).emit()
-    say("compiling (nvcc)")
+    return lowered, reports, plan, CudaEmitter(lowered, plan, module_name).emit()
+
+
+def _compile(prepared, options) -> _Built:
+    from nncompile.codegen.build_cuda import build_cuda_module
+
+    lowered, reports, plan, source = prepared
+    start = time.perf_counter()
     path, hit = build_cuda_module(source, build_options(options), verbose=options.verbose)
-    return _Built(lowered, reports, plan, source, path, hit)
+    return _Built(lowered, reports, plan, source, path, hit, time.perf_counter() - start)
 
 
 def _module_manifest(built: _Built) -> dict:
@@ -90,8 +98,20 @@ def compile_graph_cuda(graph: Graph, options, *, weights: dict | None = None, ou
     say = progress or (lambda text: None)
     layout = param_layout(graph.params, options.pipeline.memory.alignment)
     t0 = time.perf_counter()
-    inference = _build(graph, options, layout, False, say)
-    timings = {"build_s": time.perf_counter() - t0, "cache_hit": inference.cache_hit}
+    prepared = [_prepare(graph, options, layout, False, say)]
+    tg = None
+    if train is not None:
+        from nncompile.autodiff import training_graph
+
+        say("differentiating")
+        tg = training_graph(graph, train.loss)
+        prepared.append(_prepare(tg.graph, options, layout, True, say))
+    say("compiling (nvcc)")
+    # nvcc is one process per module: the inference and training modules compile side by side
+    with ThreadPoolExecutor(len(prepared)) as pool:
+        built = list(pool.map(lambda item: _compile(item, options), prepared))
+    inference = built[0]
+    timings = {"build_s": time.perf_counter() - t0, "cache_hit": inference.cache_hit, "nvcc_s": inference.seconds}
     manifest = {"format": 1, "model": graph.name, "target": "cuda", "weights_file": "weights.npz",
                 **_module_manifest(inference), "param_bytes": layout[1],
                 "cuda_arch": resolve_arch(getattr(options, "cuda_arch", None)),
@@ -100,14 +120,10 @@ def compile_graph_cuda(graph: Graph, options, *, weights: dict | None = None, ou
                            for p in graph.params]}
     plan_json = {"passes": [r.to_json() for r in inference.reports], "memory": inference.plan.to_json()}
     modules = [(inference, "")]
-    if train is not None:
-        from nncompile.autodiff import training_graph
-
-        say("differentiating")
-        tg = training_graph(graph, train.loss)
-        t0 = time.perf_counter()
-        training = _build(tg.graph, options, layout, True, say)
-        timings["train_build_s"] = time.perf_counter() - t0
+    if tg is not None:
+        training = built[1]
+        timings["train_build_s"] = timings["build_s"]      # built together with the inference module
+        timings["train_nvcc_s"] = training.seconds
         timings["train_cache_hit"] = training.cache_hit
         trainable = [p for p in graph.params if p.trainable and p.type.dtype == "f32"]
         end = max((layout[0][p.name] + p.type.nbytes for p in trainable), default=0)
