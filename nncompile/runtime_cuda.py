@@ -194,25 +194,30 @@ class CudaCompiledModel:
         return 1
 
     # running
+    @staticmethod
+    def _check(values: list, names: list[str], types: list[TensorType], what: str = "input") -> None:
+        """Shape and dtype of every value (numpy or torch), before any device work."""
+        for name, t, value in zip(names, types, values):
+            if _is_torch(value):
+                dtype = str(value.dtype).replace("torch.", "")
+            else:
+                value = np.asarray(value)
+                dtype = str(value.dtype)
+            if tuple(value.shape) != t.shape:
+                raise InputError(f"{what} '{name}' has shape {list(value.shape)}, expected {t}")
+            if dtype != TORCH_DTYPES[t.dtype]:
+                raise InputError(f"{what} '{name}' has dtype {dtype}, expected {t}")
+
     def _to_device(self, values: list, names: list[str], types: list[TensorType], what: str = "input"):
         """Device tensors for ``values`` (CUDA tensors of the right type and layout are used as they are)."""
+        self._check(values, names, types, what)
         dev = self._device()
         torch = dev["torch"]
         found = []
-        for name, t, value in zip(names, types, values):
-            if _is_torch(value):
-                tensor = value.detach()
-            else:
-                array = np.asarray(value)
-                if array.dtype != numpy_dtype(t.dtype):
-                    raise InputError(f"{what} '{name}' has dtype {array.dtype}, expected {t}")
-                tensor = torch.from_numpy(np.ascontiguousarray(array))
-            if tuple(tensor.shape) != t.shape:
-                raise InputError(f"{what} '{name}' has shape {list(tensor.shape)}, expected {t}")
-            if tensor.dtype != _torch_dtype(torch, t.dtype):
-                raise InputError(f"{what} '{name}' has dtype {str(tensor.dtype).replace('torch.', '')}, expected {t}")
+        for value in values:
+            tensor = value.detach() if _is_torch(value) else torch.from_numpy(np.ascontiguousarray(np.asarray(value)))
             if tensor.device != dev["device"] or not tensor.is_contiguous():
-                tensor = tensor.to(dev["device"], non_blocking=False).contiguous()
+                tensor = tensor.to(dev["device"]).contiguous()
             found.append(tensor)
         return found
 
@@ -231,6 +236,7 @@ class CudaCompiledModel:
 
     def __call__(self, *args, **kwargs):
         values = self._bind(args, dict(kwargs))
+        self._check(values, self.input_names, self.input_types)
         dev = self._device()
         torch = dev["torch"]
         torch_in = [v for v in values if _is_torch(v)]

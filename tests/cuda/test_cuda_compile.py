@@ -162,6 +162,16 @@ def test_no_gpu_is_a_clear_error(tmp_path):
             call()
         assert isinstance(info.value, NNError) and isinstance(info.value, RuntimeError)
         assert "GPU" in str(info.value) and "target 'cuda'" in str(info.value)
+    # inputs and weights are checked before the device is needed
+    from nncompile.errors import InputError
+
+    for bad, match in (((np.zeros((4, 7), np.float32),), r"input 'x' has shape \[4, 7\]"),
+                       ((np.zeros((4, 8), np.float64),), "input 'x' has dtype float64"),
+                       ((), "expected 1 inputs")):
+        with pytest.raises(InputError, match=match):
+            model(*bad)
+    with pytest.raises(InputError, match="parameter 'w' has shape"):
+        model.load_weights({"w": np.zeros((8, 3), np.float32)})
     # loading the build directory works without a GPU; weights stay on the host until a GPU is used
     loaded = nnc.load(tmp_path)
     assert type(loaded).__name__ == "CudaCompiledModel" and "cuda" in repr(loaded)
