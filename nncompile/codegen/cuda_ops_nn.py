@@ -14,7 +14,7 @@ import math
 from nncompile.codegen.cpp_ops import f
 from nncompile.codegen.cpp_ops_grad import _conv_shapes, conv_grad_geometry
 from nncompile.codegen.cpp_ops_nn import _conv_geometry, _pool_geometry
-from nncompile.codegen.cuda import CudaContext, cuda_ctype
+from nncompile.codegen.cuda import CudaContext
 from nncompile.codegen.cuda_ops import _require_f32, epilogue_decl, unravel
 from nncompile.codegen.cpp_loops import contiguous_strides
 from nncompile.errors import BuildError

@@ -25,7 +25,7 @@ from nncompile.ir import GraphBuilder, Init, TensorType, run
 from nncompile.ir.init import materialize
 from nncompile.ir.types import numpy_dtype
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+pytestmark = [pytest.mark.backend, pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")]
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"

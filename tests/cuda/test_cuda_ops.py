@@ -20,6 +20,7 @@ from nncompile.codegen.build_cuda import find_nvcc
 torch = pytest.importorskip("torch")
 
 pytestmark = [
+    pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU (torch.cuda.is_available() is False)"),
     pytest.mark.skipif(find_nvcc() is None, reason="nvcc (CUDA toolkit) not installed"),
 ]
