@@ -292,7 +292,7 @@ inline void run_chunk(const Pattern& p, const float* w, float* vals, const float
 }
 
 // Few rows of x (M < 8): no batch vectorization, no packing; each nonzero is one scalar FMA per row of x
-// with four accumulators, reading W where it lies.
+// with four accumulators, reading W where it lies (or the frozen values).
 inline void small_batch(int M, const float* x, const float* w, const Pattern& p, float* y, const Epilogue& ep) {
     const int N = p.rows, K = p.k, nkb = p.n_kblocks();
     const int threads = threads_for((long)p.rowptr[(long)nkb * N] * M);
@@ -305,6 +305,17 @@ inline void small_batch(int M, const float* x, const float* w, const Pattern& p,
             for (int kblk = 0; kblk < nkb; ++kblk) {
                 int j = p.rowptr[(long)kblk * N + n];
                 const int e = p.rowptr[(long)kblk * N + n + 1];
+                if (p.values) {   // frozen values: contiguous
+                    const float* v = p.values;
+                    for (; j + 4 <= e; j += 4) {
+                        a0 = std::fma(v[j], xr[p.cols[j]], a0);
+                        a1 = std::fma(v[j + 1], xr[p.cols[j + 1]], a1);
+                        a2 = std::fma(v[j + 2], xr[p.cols[j + 2]], a2);
+                        a3 = std::fma(v[j + 3], xr[p.cols[j + 3]], a3);
+                    }
+                    for (; j < e; ++j) a0 = std::fma(v[j], xr[p.cols[j]], a0);
+                    continue;
+                }
                 for (; j + 4 <= e; j += 4) {
                     const int c0 = p.cols[j], c1 = p.cols[j + 1], c2 = p.cols[j + 2], c3 = p.cols[j + 3];
                     a0 = std::fma(wr[c0], xr[c0], a0);
@@ -330,7 +341,7 @@ inline void small_batch(int M, const float* x, const float* w, const Pattern& p,
 __attribute__((noinline)) inline void linear(int M, const float* x, const float* w, const Pattern& p, float* y, const Epilogue& ep) {
     const int N = p.rows, K = p.k;
     if (M <= 0 || N <= 0) return;
-    if (M < 8 && p.values == nullptr) {
+    if (M < 8) {
         detail::small_batch(M, x, w, p, y, ep);
         return;
     }

@@ -123,6 +123,9 @@ def compile_graph(graph: Graph, options: CompileOptions = CompileOptions(), *, w
                                 **({"source": p.init.args["torch_name"]} if "torch_name" in p.init.args else {}))
                            for p in graph.params]}
     plan_json = {"passes": [r.to_json() for r in inference.reports], "memory": inference.plan.to_json()}
+    from nncompile.codegen.cpp_sparse import DECISIONS as sparse_choices   # per-layer sparse/dense kernel choices
+    if sparse_choices.get(inference.source.module_name):
+        plan_json["sparse"] = sparse_choices[inference.source.module_name]
     modules = [(inference, "")]
     if train is not None:
         from nncompile.autodiff import training_graph
@@ -152,6 +155,8 @@ def compile_graph(graph: Graph, options: CompileOptions = CompileOptions(), *, w
             "label_inputs": list(graph.train.label_inputs) if graph.train else [],
         }
         plan_json["train"] = {"passes": [r.to_json() for r in training.reports], "memory": training.plan.to_json()}
+        if sparse_choices.get(training.source.module_name):
+            plan_json["train"]["sparse"] = sparse_choices[training.source.module_name]
         modules.append((training, "_train"))
     manifest["timings"] = timings
     if weights is None:

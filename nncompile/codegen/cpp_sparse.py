@@ -17,7 +17,8 @@ unless the sparse estimate is at least ``MARGIN`` times faster (as LIBXSMM does)
 (``measure``); ``NNC_SPARSE_KERNEL=sparse|dense`` forces one (tests, benchmarks).
 ``NNC_SPARSE_VALUES=baked`` also bakes the values of weights the graph carries (torch imports) into the
 code: faster (no per-call packing of W's scattered values) but frozen - later weight updates are not seen. Each decision, with its figures, is written as a comment above the layer's code and kept
-in ``DECISIONS[module_name]`` (the driver copies it into plan.json under ``"sparse"``).
+in ``DECISIONS[module_name]`` (the driver copies it into plan.json under ``"sparse"``, and
+``"train"."sparse"`` for the training step).
 
 Training: ``sparse_weight_grad`` (dW on the pattern only) and ``sparse_mask`` (``nncompile/ops/sparse.py``)
 have rules here too.

@@ -165,7 +165,8 @@ def test_compiled_sparse_model_matches_interpreter(compiled):
     decisions = cpp_sparse.DECISIONS[model.manifest["module_name"]]
     assert {d["weight"] for d in decisions} == {"w1", "w2", "w3", "w4"}
     assert all(d["kernel"] == "sparse" and "forced" in d["why"] for d in decisions)
-    json.dumps(decisions)
+    plan = json.loads((out / "plan.json").read_text())
+    assert {d["weight"] for d in plan["sparse"]} == {"w1", "w2", "w3", "w4"}
 
 
 def test_compiled_sparse_model_ignores_off_pattern_weights(compiled):
