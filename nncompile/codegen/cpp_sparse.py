@@ -257,6 +257,8 @@ def emit_sparse_input_grad(ctx, node) -> str:
 def emit_sparse_mask(ctx, node) -> str:
     g, w = node.inputs
     wt = ctx.type(w)
+    if wt.dtype != "f32":
+        raise BuildError(f"sparse_mask: the C++ backend needs f32, got {wt.dtype}", node.loc)
     csr = csr_pattern(wt.sparsity, tuple(wt.shape))
     rows = wt.shape[0] if wt.rank else 1
     width = wt.numel // rows if rows else 0

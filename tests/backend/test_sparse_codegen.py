@@ -89,6 +89,28 @@ def test_sparse_input_grad_matches_masked_dense(pattern, m):
     np.testing.assert_allclose(dx, ref, rtol=1e-4, atol=1e-4 * max(1.0, np.sqrt(n)))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sparse_kernels_threaded_match_dense(threads):
+    """Layers big enough for the kernels' thread split (rows per thread, packing per tile)."""
+    rng = np.random.default_rng(threads)
+    mask = rng.random((700, 520)) < 0.3
+    mask[5:13] = mask[4]
+    mask[100] = False
+    ns = cpp_sparse.NativeSparse(mask)
+    ns.lib.nnc_sp_threads(threads)
+    try:
+        for m in (3, 64, 150):
+            x = rng.standard_normal((m, 520)).astype(np.float32)
+            w = np.where(mask, rng.standard_normal(mask.shape), 3e5).astype(np.float32)
+            wm = np.where(mask, w, 0).astype(np.float64)
+            np.testing.assert_allclose(ns.linear(x, w), x @ wm.T, rtol=1e-4, atol=2e-3)
+            dy = rng.standard_normal((m, 700)).astype(np.float32)
+            np.testing.assert_allclose(ns.input_grad(dy, w), dy @ wm, rtol=1e-4, atol=2e-3)
+            np.testing.assert_allclose(ns.weight_grad(dy, x), (dy.T.astype(np.float64) @ x) * mask, rtol=1e-4, atol=2e-3)
+    finally:
+        ns.lib.nnc_sp_threads(1)
+
+
 def test_pattern_tables_are_k_blocked_csr():
     mask = np.zeros((4, 600), bool)
     mask[0, [1, 300, 599]] = True
