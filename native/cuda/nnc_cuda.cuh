@@ -7,7 +7,7 @@
 
 #if defined(NNC_CUDA_HOST_EMULATION)
 #include "nnc_host_emulation.h"
-#define NNC_LAUNCH(kernel, grid, block, shared, stream) kernel
+#define NNC_LAUNCH(kernel, grid, block, shared, stream) nnc_emu_make_launch(kernel, grid, block)
 #define NNC_DYNAMIC_SHARED(type, name) type* name = (type*)nnc_emu_shared
 #else
 #include <cuda_runtime.h>
@@ -51,12 +51,6 @@ NNC_HD uint32_t dropout_hash(uint32_t seed, uint32_t i) {
     return h;
 }
 
-#if defined(NNC_CUDA_HOST_EMULATION)
-// one thread per block: a block reduction is the thread's own value
-template <class T>
-inline T block_sum(T v) { return v; }
-inline float block_max(float v) { return v; }
-#else
 // Block-wide reductions (blockDim.x a multiple of 32, <= 1024). Every thread gets the result.
 template <class T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -91,7 +85,6 @@ __device__ inline float block_max(float v) {
     return warp_max(total);
 }
 
-#endif
 
 }  // namespace cuda
 }  // namespace nnc

@@ -1,12 +1,13 @@
 """Generated CUDA run on the CPU, against the interpreter (needs g++, not a GPU or nvcc).
 
 ``kernels.cu`` compiled as C++ with ``-DNNC_CUDA_HOST_EMULATION`` (``native/cuda/nnc_host_emulation.h``)
-runs every kernel as one thread of one block: grid-stride and block-per-row loops visit every element,
-block reductions are the identity, GEMMs and implicit-GEMM convolutions are plain loops over the real
-loaders and epilogue. So the generated index math, fusion, broadcasting, memory plan (arena offsets,
-in-place reuse) and error reporting are checked for the op zoo, the backward ops and the examples'
-training graphs, in float32 against ``nncompile.ir.run``. Races, synchronization and the GPU GEMM's
-tiling are not (test_cuda_ops.py on a GPU).
+runs every launch on CPU threads: up to 2 blocks of up to 64 real threads, barriers for
+``__syncthreads``, warp shuffles through an exchange buffer; GEMMs and implicit-GEMM convolutions run
+the GPU kernel's tiles thread after thread over the real loaders and epilogue. So the generated index
+math, block reductions, fusion, broadcasting, memory plan (arena offsets, in-place reuse) and error
+reporting are checked for the op zoo, the backward ops and the examples' training graphs, in float32
+against ``nncompile.ir.run``. Not covered: timing-dependent races, the TF32 kernel, real launch sizes
+(test_cuda_ops.py on a GPU).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class Emulated:
         src = out_dir / f"kernels_{name}.cu"
         src.write_text(source.kernels)
         lib = out_dir / f"emulated_{name}.so"
-        result = subprocess.run(["g++", "-O1", "-std=c++17", "-shared", "-fPIC", "-DNNC_CUDA_HOST_EMULATION", "-x", "c++",
+        result = subprocess.run(["g++", "-O1", "-std=c++17", "-shared", "-fPIC", "-pthread", "-DNNC_CUDA_HOST_EMULATION", "-x", "c++",
                                  f"-I{CUDA_NATIVE_DIR}", str(src), "-o", str(lib)], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[:3000]
         self.lib = ctypes.CDLL(str(lib))
@@ -147,9 +148,9 @@ def test_backward_ops(tmp_path):
 
 
 @pytest.mark.parametrize("name, dims", [
-    ("mlp", {"B": 4}),
+    pytest.param("mlp", {"B": 4}, marks=pytest.mark.slow),          # ~30 s: 1024-wide layers
     ("lenet", {"B": 2}),
-    ("gpt", {"B": 2, "T": 8, "d": 32, "heads": 4, "layers": 1, "vocab": 11}),
+    pytest.param("gpt", {"B": 2, "T": 8, "d": 32, "heads": 4, "layers": 1, "vocab": 11}, marks=pytest.mark.slow),
 ])
 def test_example_training_graphs(name, dims, tmp_path):
     import nncompile as nnc
