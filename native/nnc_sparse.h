@@ -177,22 +177,9 @@ inline void group_kernel(const float* const* vals, const int32_t* __restrict col
 }
 
 // Groups [g0, g1) over K block kblk; vals are the packed values (Pattern::values order).
-// Software prefetch of the next row tile's W lines (into L2), spread over the current tile's work, so
-// packing the next tile's values reads from L2 instead of waiting on L3 / memory.
-struct Prefetcher {
-    const char* base = nullptr;
-    long stride = 0;          // bytes between W rows
-    long lines_per_row = 0;
-    long total = 0, done = 0, per_step = 0;
-    void step() {
-        for (long i = 0; i < per_step && done < total; ++i, ++done)
-            _mm_prefetch(base + (done / lines_per_row) * stride + (done % lines_per_row) * 64, _MM_HINT_T1);
-    }
-};
-
 template <int V>
 inline void rows_chunk(const Pattern& p, int kblk, int g0, int g1, const float* vals, const float* xT, int ld,
-                       float* yT, Prefetcher& pf) {
+                       float* yT) {
     constexpr int U = V >= 4 ? 1 : (V == 2 ? 2 : 4);
     const int32_t* rowptr = p.rowptr + (long)kblk * p.rows;
     const bool first = kblk == 0;
@@ -201,7 +188,6 @@ inline void rows_chunk(const Pattern& p, int kblk, int g0, int g1, const float* 
         const int n1 = p.gstart ? p.gstart[g + 1] : g + 1;
         const int b = rowptr[n0], e = rowptr[n0 + 1];
         int n = n0;
-        pf.step();
         if (n1 - n0 > 1 && e > b) {
             const float* rv[4];
             for (; n + 4 <= n1; n += 4) {
@@ -245,31 +231,21 @@ inline int tile_end(const Pattern& p, int t0, int g1) {
 
 // Rows are tiled (about 128 rows of yT stay in L2) and, inside a tile, every K block runs over all the
 // tile's rows while its slice of xT stays near L1. With w (the first batch chunk, values not packed
-// yet), each tile packs its rows' values first, and prefetches the next tile's W lines meanwhile.
+// yet), each tile packs its rows' values first. (Software-prefetching the next tile's W lines during
+// the current tile was measured slower here.)
 template <int V>
 inline void rows_range(const Pattern& p, int g0, int g1, const float* w, float* vals, const float* xT, int ld,
                        float* yT) {
     const int nkb = p.n_kblocks();
-    const long nnz = p.rowptr[(long)nkb * p.rows];
-    const bool prefetch = w != nullptr && (double)nnz / ((double)p.rows * p.k) > 0.04;
-    Prefetcher pf;
+    const int all_groups = p.gstart ? p.n_groups : p.rows;
     int t0 = g0;
     while (t0 < g1) {
         const int t1 = tile_end(p, t0, g1);
-        const int r0 = group_row(p, t0), r1 = t1 < g1 ? group_row(p, t1) : (g1 < (p.gstart ? p.n_groups : p.rows) ? group_row(p, g1) : p.rows);
-        if (w != nullptr) pack_rows(p, w, p.k, r0, r1, vals);
-        pf = Prefetcher();
-        if (prefetch && t1 < g1) {
-            const int t2 = tile_end(p, t1, g1);
-            const int r2 = t2 < g1 ? group_row(p, t2) : (g1 < (p.gstart ? p.n_groups : p.rows) ? group_row(p, g1) : p.rows);
-            pf.base = reinterpret_cast<const char*>(w + (long)r1 * p.k);
-            pf.stride = (long)p.k * 4;
-            pf.lines_per_row = (pf.stride + 63) / 64;
-            pf.total = (long)(r2 - r1) * pf.lines_per_row;
-            const long steps = (long)nkb * (t1 - t0);
-            pf.per_step = steps > 0 ? (pf.total + steps - 1) / steps : pf.total;
+        if (w != nullptr) {
+            const int r0 = group_row(p, t0), r1 = t1 < all_groups ? group_row(p, t1) : p.rows;
+            pack_rows(p, w, p.k, r0, r1, vals);
         }
-        for (int kblk = 0; kblk < nkb; ++kblk) rows_chunk<V>(p, kblk, t0, t1, vals, xT, ld, yT, pf);
+        for (int kblk = 0; kblk < nkb; ++kblk) rows_chunk<V>(p, kblk, t0, t1, vals, xT, ld, yT);
         t0 = t1;
     }
 }
