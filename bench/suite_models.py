@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import statistics
 import sys
 import tempfile
