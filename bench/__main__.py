@@ -10,6 +10,7 @@ measured side by side in one run; figures are medians over repeats.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import pkgutil
 import platform
@@ -56,13 +57,22 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help=f"suites to run (of {', '.join(suites())})")
     args = parser.parse_args()
     chosen = args.only or suites()
-    sections = previous_sections()
+    fresh = {}
     for name in chosen:
         module = importlib.import_module(f"bench.suite_{name}")
         start = time.perf_counter()
         print(f"[bench] {name} ...", flush=True)
-        sections[name] = module.run(quick=args.quick).rstrip() + "\n"
+        fresh[name] = module.run(quick=args.quick).rstrip() + "\n"
         print(f"[bench] {name} done in {time.perf_counter() - start:.0f} s", flush=True)
+    # re-read under a lock just before writing: another run may have rewritten other sections meanwhile
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        sections = {**previous_sections(), **fresh}
+        write_results(sections)
+    print(f"[bench] wrote {RESULTS}")
+
+
+def write_results(sections: dict[str, str]) -> None:
     parts = [
         "# nncompile benchmark results\n",
         "Written by `python -m bench`. Medians over repeated runs; every ratio compares figures "
@@ -71,8 +81,9 @@ def main() -> None:
     ]
     for name in sorted(sections):
         parts.append(MARK.format(name) + "\n" + sections[name])
-    RESULTS.write_text("\n".join(parts))
-    print(f"[bench] wrote {RESULTS}")
+    tmp = RESULTS.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(parts))
+    tmp.replace(RESULTS)
 
 
 if __name__ == "__main__":

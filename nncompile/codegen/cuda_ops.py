@@ -318,6 +318,38 @@ def emit_slice_scatter(ctx: CudaContext, node: Node) -> str:
                       ctx.launch(lines, math.prod(src_shape), [node.name, node.inputs[0]])])
 
 
+def emit_sparse_mask(ctx: CudaContext, node: Node) -> str:
+    _require_f32(ctx, node.op, node.inputs)
+    g, w = (ctx.ptr(v) for v in node.inputs)
+    return ctx.launch([f"{ctx.out}[i_] = {w}[i_] != 0.0f ? {g}[i_] : 0.0f;"], node.type.numel,
+                      [node.name, *node.inputs])
+
+
+def emit_sparse_weight_grad(ctx: CudaContext, node: Node) -> str:
+    """dW[n, k] = sum_m grad[m, n] x[m, k] where W[n, k] != 0 (the pattern), else 0: one thread per entry."""
+    _require_f32(ctx, node.op, node.inputs)
+    grad, x, w = (ctx.ptr(v) for v in node.inputs)
+    m, n = ctx.type(node.inputs[0]).shape
+    k = ctx.type(node.inputs[1]).shape[1]
+    return ctx.launch([f"const long long n_ = i_ / {k}, k_ = i_ % {k};",
+                       "float acc_ = 0.0f;",
+                       f"if ({w}[i_] != 0.0f) for (long long m_ = 0; m_ < {m}; ++m_) "
+                       f"acc_ += {grad}[m_ * {n} + n_] * {x}[m_ * {k} + k_];",
+                       f"{ctx.out}[i_] = acc_;"], node.type.numel, [node.name, *node.inputs])
+
+
+def emit_sparse_input_grad(ctx: CudaContext, node: Node) -> str:
+    """dX[m, k] = sum_n grad[m, n] W[n, k] (the pruned entries of W are zero): one thread per entry."""
+    _require_f32(ctx, node.op, node.inputs)
+    grad, w = (ctx.ptr(v) for v in node.inputs)
+    m, n = ctx.type(node.inputs[0]).shape
+    k = ctx.type(node.inputs[1]).shape[1]
+    return ctx.launch([f"const long long m_ = i_ / {k}, k_ = i_ % {k};",
+                       "float acc_ = 0.0f;",
+                       f"for (long long n_ = 0; n_ < {n}; ++n_) acc_ += {grad}[m_ * {n} + n_] * {w}[n_ * {k} + k_];",
+                       f"{ctx.out}[i_] = acc_;"], node.type.numel, [node.name, *node.inputs])
+
+
 ELEMENTWISE_OPS = sorted(set(SCALAR) | {"dropout", "cast", "pow_scalar"})
 
 
@@ -336,3 +368,8 @@ def register() -> None:
     set_rule("expand", "emit_cuda", emit_expand)
     set_rule("full", "emit_cuda", emit_full)
     set_rule("slice_scatter", "emit_cuda", emit_slice_scatter)
+    import nncompile.ops.sparse  # noqa: F401  (the training ops of sparse weights)
+
+    set_rule("sparse_mask", "emit_cuda", emit_sparse_mask)
+    set_rule("sparse_weight_grad", "emit_cuda", emit_sparse_weight_grad)
+    set_rule("sparse_input_grad", "emit_cuda", emit_sparse_input_grad)

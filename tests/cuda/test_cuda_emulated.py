@@ -157,3 +157,28 @@ def test_example_training_graphs(name, dims, tmp_path):
 
     graph = nnc.parse(EXAMPLES / f"{name}.nn", set=dims)
     _training(graph, tmp_path, high=min(dims.get("T", 10), 10))
+
+
+def test_sparse_weight_training_graph(tmp_path):
+    """sparse_input_grad / sparse_weight_grad / sparse_mask through the CUDA emitter."""
+    import nncompile as nnc
+
+    graph = nnc.parse_text("""
+    model sparse_small {
+        input x: f32[3, 12]
+        param w: f32[8, 12] = kaiming_uniform() sparse(density=0.3, seed=1)
+        h = relu(linear(x, w))
+        logits = Linear(h, 4, sparse=sparse(nm=2:4))
+        output logits
+        train {
+            input labels: i64[3]
+            loss = cross_entropy(logits, labels)
+            optimizer sgd(lr=0.1)
+        }
+    }
+    """)
+    from nncompile.autodiff import training_graph
+
+    ops = {n.op for n in training_graph(graph).graph.nodes}
+    assert {"sparse_weight_grad", "sparse_input_grad"} & ops, ops
+    _training(graph, tmp_path, high=4)
