@@ -30,13 +30,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="code generation target")
     parser.add_argument("--cuda-arch", default=None, metavar="SM",
                         help="GPU architecture for --target cuda (sm_80, sm_90; default: the visible GPU, else sm_80)")
-    parser.add_argument("--memory-budget", default=None, help="bytes, or a fraction of the unconstrained arena")
+    parser.add_argument("--memory-budget", default=None, help="with --train: bytes (8000000, 8MB) or a fraction (60%%, 0.6) of the no-recompute training arena")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="bind a named dimension")
     parser.add_argument("--threads", type=int, default=None, help="threads the module uses at run time")
     parser.add_argument("--time-limit", type=float, default=5.0, help="seconds for each solver (default 5)")
     parser.add_argument("--march", default="x86-64-v3", help="g++ -march value ('native' on request)")
     parser.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
-                        help="print the IR after a pass (prune, fuse, plan_memory, all)")
+                        help="print the IR after a pass (prune, fuse, schedule, plan_memory, all)")
     parser.add_argument("--benchmark", type=int, default=0, metavar="N",
                         help="after compiling, run N times on random inputs and report the median latency "
                              "(with --train: N training steps on one random batch, with the loss before and after)")
