@@ -89,13 +89,30 @@ def _build(graph: Graph, options: CompileOptions, layout, keep_inputs: bool, say
     return _Built(lowered, reports, plan, source, path, hit)
 
 
-def _module_manifest(built: _Built) -> dict:
+def _module_manifest(built) -> dict:
     return {
         "module_name": built.source.module_name, "module_file": built.path.name,
         "inputs": [_type_json(i.name, i.type) for i in built.lowered.inputs],
         "outputs": [_type_json(o, built.lowered.type_of(o)) for o in built.lowered.outputs],
         "arena_bytes": built.plan.arena_bytes, "figures": {r.name: r.figures for r in built.reports},
     }
+
+
+def params_manifest(graph: Graph, layout) -> list[dict]:
+    """Each parameter's type, offset in the parameter block, trainability and torch name (if imported)."""
+    return [dict(_type_json(p.name, p.type), offset=layout[0][p.name], trainable=p.trainable,
+                 **({"source": p.init.args["torch_name"]} if "torch_name" in p.init.args else {}))
+            for p in graph.params]
+
+
+def train_manifest(graph: Graph, tg, train: TrainOptions, layout, module: dict) -> dict:
+    """The manifest's ``train`` entry: the training module (``module``), loss, gradient and update outputs,
+    the trainable f32 prefix of the parameter block the optimizer updates, and the optimizer."""
+    trainable = [p for p in graph.params if p.trainable and p.type.dtype == "f32"]
+    end = max((layout[0][p.name] + p.type.nbytes for p in trainable), default=0)
+    return {**module, "loss": tg.loss, "step_input": tg.step_input, "grads": tg.grads, "updates": tg.updates,
+            "trainable_bytes": end, "optimizer": {"name": train.optimizer, "hyper": dict(train.hyper)},
+            "label_inputs": list(graph.train.label_inputs) if graph.train else []}
 
 
 def compile_graph(graph: Graph, options: CompileOptions = CompileOptions(), *, weights: dict | None = None,
@@ -119,9 +136,7 @@ def compile_graph(graph: Graph, options: CompileOptions = CompileOptions(), *, w
     timings = {"build_s": time.perf_counter() - t0, "cache_hit": inference.cache_hit}
     manifest = {"format": 1, "model": graph.name, "target": options.target, "weights_file": "weights.npz",
                 **_module_manifest(inference), "param_bytes": layout[1], "march": options.build.march,
-                "params": [dict(_type_json(p.name, p.type), offset=layout[0][p.name], trainable=p.trainable,
-                                **({"source": p.init.args["torch_name"]} if "torch_name" in p.init.args else {}))
-                           for p in graph.params]}
+                "params": params_manifest(graph, layout)}
     plan_json = {"passes": [r.to_json() for r in inference.reports], "memory": inference.plan.to_json()}
     from nncompile.codegen.cpp_sparse import DECISIONS as sparse_choices   # per-layer sparse/dense kernel choices
     if sparse_choices.get(inference.source.module_name):
@@ -146,14 +161,7 @@ def compile_graph(graph: Graph, options: CompileOptions = CompileOptions(), *, w
             training.reports.insert(0, recompute)
         timings["train_build_s"] = time.perf_counter() - t0
         timings["train_cache_hit"] = training.cache_hit
-        trainable = [p for p in graph.params if p.trainable and p.type.dtype == "f32"]
-        end = max((layout[0][p.name] + p.type.nbytes for p in trainable), default=0)
-        manifest["train"] = {
-            **_module_manifest(training), "loss": tg.loss, "step_input": tg.step_input,
-            "grads": tg.grads, "updates": tg.updates, "trainable_bytes": end,
-            "optimizer": {"name": train.optimizer, "hyper": dict(train.hyper)},
-            "label_inputs": list(graph.train.label_inputs) if graph.train else [],
-        }
+        manifest["train"] = train_manifest(graph, tg, train, layout, _module_manifest(training))
         plan_json["train"] = {"passes": [r.to_json() for r in training.reports], "memory": training.plan.to_json()}
         if sparse_choices.get(training.source.module_name):
             plan_json["train"]["sparse"] = sparse_choices[training.source.module_name]
@@ -172,13 +180,17 @@ def compile_graph(graph: Graph, options: CompileOptions = CompileOptions(), *, w
     return model
 
 
-def write_build_dir(out: Path, manifest: dict, modules: list, plan_json: dict, weights: dict) -> None:
+def write_build_dir(out: Path, manifest: dict, modules: list, plan_json: dict, weights: dict,
+                    kernels_suffix: str = ".cpp") -> None:
+    """The build folder: modules, generated sources (``kernels<suffix>``), lowered IR, plan, memory pictures,
+    weights and the manifest ``nnc.load`` reads."""
     out.mkdir(parents=True, exist_ok=True)
     for built, suffix in modules:
         shutil.copy2(built.path, out / built.path.name)
-        (out / f"kernels{suffix}.cpp").write_text(built.source.kernels)
+        (out / f"kernels{suffix}{kernels_suffix}").write_text(built.source.kernels)
         (out / f"graph{suffix}.ir").write_text(str(built.lowered))
-    (out / "binding.cpp").write_text(modules[0][0].source.binding)
+    if modules[0][0].source.binding:
+        (out / "binding.cpp").write_text(modules[0][0].source.binding)
     (out / "plan.json").write_text(json.dumps(plan_json, indent=1, default=str))
     from nncompile.report_png import write_memory_png
 

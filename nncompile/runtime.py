@@ -137,16 +137,7 @@ class CompiledModel:
 
     # running
     def _bind(self, args: tuple, kwargs: dict) -> list[np.ndarray]:
-        if len(args) + len(kwargs) != len(self.input_names):
-            raise InputError(f"expected {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
-                             f"got {len(args) + len(kwargs)}")
-        values = list(args)
-        for name in self.input_names[len(args):]:
-            if name not in kwargs:
-                raise InputError(f"missing input '{name}'")
-            values.append(kwargs.pop(name))
-        if kwargs:
-            raise InputError(f"unexpected input '{sorted(kwargs)[0]}'")
+        values = bind_arguments(self.input_names, args, kwargs)
         arrays = []
         for name, t, value in zip(self.input_names, self.input_types, values):
             array = _to_numpy(value)
@@ -192,6 +183,21 @@ class CompiledModel:
 
 def _is_torch(value) -> bool:
     return type(value).__module__.startswith("torch")
+
+
+def bind_arguments(names: list[str], args: tuple, kwargs: dict) -> list:
+    """Positional then keyword arguments, in input order; a clear InputError for a wrong count or name."""
+    if len(args) + len(kwargs) != len(names):
+        raise InputError(f"expected {len(names)} inputs ({', '.join(names)}), got {len(args) + len(kwargs)}")
+    values = list(args)
+    kwargs = dict(kwargs)
+    for name in names[len(args):]:
+        if name not in kwargs:
+            raise InputError(f"missing input '{name}'")
+        values.append(kwargs.pop(name))
+    if kwargs:
+        raise InputError(f"unexpected input '{sorted(kwargs)[0]}'")
+    return values
 
 
 def _to_numpy(value) -> np.ndarray:

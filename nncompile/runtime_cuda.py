@@ -222,17 +222,9 @@ class CudaCompiledModel:
         return found
 
     def _bind(self, args: tuple, kwargs: dict) -> list:
-        if len(args) + len(kwargs) != len(self.input_names):
-            raise InputError(f"expected {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
-                             f"got {len(args) + len(kwargs)}")
-        values = list(args)
-        for name in self.input_names[len(args):]:
-            if name not in kwargs:
-                raise InputError(f"missing input '{name}'")
-            values.append(kwargs.pop(name))
-        if kwargs:
-            raise InputError(f"unexpected input '{sorted(kwargs)[0]}'")
-        return values
+        from nncompile.runtime import bind_arguments
+
+        return bind_arguments(self.input_names, args, kwargs)
 
     def __call__(self, *args, **kwargs):
         values = self._bind(args, dict(kwargs))

@@ -96,14 +96,12 @@ class Trainer:
         return found
 
     def _split(self, args: tuple, kwargs: dict, accumulate: int) -> list[list[np.ndarray]]:
-        from nncompile.runtime import _to_numpy
+        from nncompile.runtime import _to_numpy, bind_arguments
 
-        names = [n for n, _ in self.inputs]
-        if len(args) + len(kwargs) != len(names):
-            raise InputError(f"train_step expects {len(names)} inputs ({', '.join(names)}), got {len(args) + len(kwargs)}")
-        values = list(args) + [kwargs.pop(n) for n in names[len(args):] if n in kwargs]
-        if kwargs or len(values) != len(names):
-            raise InputError(f"train_step: unexpected or missing inputs (expected {', '.join(names)})")
+        try:
+            values = bind_arguments([n for n, _ in self.inputs], args, kwargs)
+        except InputError as err:
+            raise InputError(f"train_step: {err.message}") from None
         micro = [[] for _ in range(accumulate)]
         for (name, t), value in zip(self.inputs, values):
             array = _to_numpy(value)

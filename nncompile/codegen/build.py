@@ -145,16 +145,14 @@ def _binding_object(source: GeneratedSource, options: BuildOptions, root: Path) 
     return obj
 
 
-def build_module(source: GeneratedSource, options: BuildOptions = BuildOptions(), *, verbose: bool = False) -> tuple[Path, bool]:
-    """Compile (or find in the cache) the module; returns (path to the .so, cache hit?)."""
-    if shutil.which(options.cxx) is None:
-        raise BuildError(f"C++ compiler '{options.cxx}' not found; install g++ or pass another compiler")
-    key = cache_key(source, options)
+def cached_build(key: str, filename: str, build) -> tuple[Path, bool]:
+    """The build cache's protocol: ``<cache>/<key>/<filename>`` if it exists; otherwise, under the
+    key's file lock, ``build(work_dir)`` writes ``work_dir/<filename>`` in a fresh directory that is
+    then renamed into place atomically (a failed build leaves nothing behind). Returns (path, hit?)."""
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     final_dir = root / key
-    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    target = final_dir / f"{source.module_name}{suffix}"
+    target = final_dir / filename
     if target.exists():
         return target, True
     with open(root / f"{key}.lock", "w") as lock:
@@ -163,30 +161,48 @@ def build_module(source: GeneratedSource, options: BuildOptions = BuildOptions()
             return target, True
         work = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=root))
         try:
-            kernels = work / "kernels.cpp"
-            kernels.write_text(source.kernels)
-            start = time.perf_counter()
-            with ThreadPoolExecutor(2) as pool:
-                kernel_job = pool.submit(_compile, options.cxx, options.compile_flags(), kernels, work / "kernels.o")
-                binding_job = pool.submit(_binding_object, source, options, root)
-                result = kernel_job.result()
-                binding_obj = binding_job.result()
-            if result.returncode != 0:
-                keep = root / "failed" / key
-                shutil.rmtree(keep, ignore_errors=True)
-                shutil.copytree(work, keep)
-                raise BuildError(_explain(result.stderr, source, keep / "kernels.cpp"))
-            link = subprocess.run([options.cxx, "-shared", "-fopenmp", "-Wl,-Bsymbolic", str(work / "kernels.o"), str(binding_obj),
-                                   "-o", str(work / target.name)], capture_output=True, text=True)
-            if link.returncode != 0:
-                raise BuildError(f"linking the generated module failed:\n{link.stderr.strip()[:2000]}")
-            if verbose:
-                print(f"[nncompile] compiled {source.module_name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-            (work / "kernels.o").unlink()
+            build(work)
             os.rename(work, final_dir)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return target, False
+
+
+def keep_failed(work: Path, key: str) -> Path:
+    """Copy a failed build's directory to ``<cache>/failed/<key>`` (for the user to read); returns it."""
+    keep = cache_root() / "failed" / key
+    shutil.rmtree(keep, ignore_errors=True)
+    shutil.copytree(work, keep)
+    return keep
+
+
+def build_module(source: GeneratedSource, options: BuildOptions = BuildOptions(), *, verbose: bool = False) -> tuple[Path, bool]:
+    """Compile (or find in the cache) the module; returns (path to the .so, cache hit?)."""
+    if shutil.which(options.cxx) is None:
+        raise BuildError(f"C++ compiler '{options.cxx}' not found; install g++ or pass another compiler")
+    key = cache_key(source, options)
+    filename = f"{source.module_name}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+
+    def build(work: Path) -> None:
+        kernels = work / "kernels.cpp"
+        kernels.write_text(source.kernels)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(2) as pool:
+            kernel_job = pool.submit(_compile, options.cxx, options.compile_flags(), kernels, work / "kernels.o")
+            binding_job = pool.submit(_binding_object, source, options, cache_root())
+            result = kernel_job.result()
+            binding_obj = binding_job.result()
+        if result.returncode != 0:
+            raise BuildError(_explain(result.stderr, source, keep_failed(work, key) / "kernels.cpp"))
+        link = subprocess.run([options.cxx, "-shared", "-fopenmp", "-Wl,-Bsymbolic", str(work / "kernels.o"),
+                               str(binding_obj), "-o", str(work / filename)], capture_output=True, text=True)
+        if link.returncode != 0:
+            raise BuildError(f"linking the generated module failed:\n{link.stderr.strip()[:2000]}")
+        if verbose:
+            print(f"[nncompile] compiled {source.module_name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        (work / "kernels.o").unlink()
+
+    return cached_build(key, filename, build)
 
 
 def load_module(path: Path, name: str):

@@ -12,20 +12,18 @@ capability of the visible GPU (through torch), else ``sm_80``.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from nncompile.codegen.build import NATIVE_DIR, cache_root
+from nncompile.codegen.build import NATIVE_DIR, cached_build, keep_failed
 from nncompile.codegen.cpp import GeneratedSource
 from nncompile.errors import BuildError
 
@@ -128,32 +126,18 @@ def build_cuda_module(source: GeneratedSource, options: CudaBuildOptions = CudaB
     if nvcc is None:
         raise BuildError("nvcc not found: the CUDA target needs the CUDA toolkit (put nvcc on PATH or set CUDA_HOME)")
     key = cache_key(source, options, nvcc)
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    final_dir = root / key
-    target = final_dir / f"{source.module_name}.so"
-    if target.exists():
-        return target, True
-    with open(root / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.exists():
-            return target, True
-        work = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=root))
-        try:
-            kernels = work / "kernels.cu"
-            kernels.write_text(source.kernels)
-            start = time.perf_counter()
-            result = subprocess.run([nvcc, *options.compile_flags(), str(kernels), "-o", str(work / target.name)],
-                                    capture_output=True, text=True)
-            if result.returncode != 0:
-                keep = root / "failed" / key
-                shutil.rmtree(keep, ignore_errors=True)
-                shutil.copytree(work, keep)
-                raise BuildError(_explain(result.stderr, source, keep / "kernels.cu"))
-            if verbose:
-                print(f"[nncompile] nvcc compiled {source.module_name} in {time.perf_counter() - start:.1f} s",
-                      file=sys.stderr)
-            os.rename(work, final_dir)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    return target, False
+    filename = f"{source.module_name}.so"
+
+    def build(work: Path) -> None:
+        kernels = work / "kernels.cu"
+        kernels.write_text(source.kernels)
+        start = time.perf_counter()
+        result = subprocess.run([nvcc, *options.compile_flags(), str(kernels), "-o", str(work / filename)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise BuildError(_explain(result.stderr, source, keep_failed(work, key) / "kernels.cu"))
+        if verbose:
+            print(f"[nncompile] nvcc compiled {source.module_name} in {time.perf_counter() - start:.1f} s",
+                  file=sys.stderr)
+
+    return cached_build(key, filename, build)

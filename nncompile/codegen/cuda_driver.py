@@ -10,14 +10,10 @@ and the returned model reports the missing GPU when it is first run.
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from nncompile.errors import UnsupportedError
 from nncompile.ir.graph import Graph
@@ -32,10 +28,6 @@ class _Built:
     path: Path
     cache_hit: bool
     seconds: float = 0.0      # the nvcc run (or cache lookup) alone
-
-
-def _type_json(name: str, t) -> dict:
-    return {"name": name, "shape": list(t.shape), "dtype": t.dtype}
 
 
 def build_options(options):
@@ -73,20 +65,16 @@ def _compile(prepared, options) -> _Built:
 
 def _module_manifest(built: _Built) -> dict:
     from nncompile.codegen.cuda import device_arena_bytes
+    from nncompile.driver import _module_manifest as cpu_module_manifest
 
-    return {
-        "module_name": built.source.module_name, "module_file": built.path.name,
-        "inputs": [_type_json(i.name, i.type) for i in built.lowered.inputs],
-        "outputs": [_type_json(o, built.lowered.type_of(o)) for o in built.lowered.outputs],
-        "arena_bytes": built.plan.arena_bytes, "device_arena_bytes": device_arena_bytes(built.plan.arena_bytes),
-        "figures": {r.name: r.figures for r in built.reports},
-    }
+    return {**cpu_module_manifest(built), "device_arena_bytes": device_arena_bytes(built.plan.arena_bytes)}
 
 
 def compile_graph_cuda(graph: Graph, options, *, weights: dict | None = None, out_dir=None, progress=None, train=None):
     """``driver.compile_graph`` for the CUDA target (same arguments); returns a ``CudaCompiledModel``."""
     from nncompile.codegen.build_cuda import resolve_arch
     from nncompile.codegen.cuda_ops_nn import register_cuda_rules
+    from nncompile.driver import params_manifest, train_manifest, write_build_dir
     from nncompile.ir.init import materialize
     from nncompile.passes.plan_memory import param_layout
     from nncompile.runtime_cuda import CudaCompiledModel
@@ -115,9 +103,7 @@ def compile_graph_cuda(graph: Graph, options, *, weights: dict | None = None, ou
     manifest = {"format": 1, "model": graph.name, "target": "cuda", "weights_file": "weights.npz",
                 **_module_manifest(inference), "param_bytes": layout[1],
                 "cuda_arch": resolve_arch(getattr(options, "cuda_arch", None)),
-                "params": [dict(_type_json(p.name, p.type), offset=layout[0][p.name], trainable=p.trainable,
-                                **({"source": p.init.args["torch_name"]} if "torch_name" in p.init.args else {}))
-                           for p in graph.params]}
+                "params": params_manifest(graph, layout)}
     plan_json = {"passes": [r.to_json() for r in inference.reports], "memory": inference.plan.to_json()}
     modules = [(inference, "")]
     if tg is not None:
@@ -125,14 +111,7 @@ def compile_graph_cuda(graph: Graph, options, *, weights: dict | None = None, ou
         timings["train_build_s"] = timings["build_s"]      # built together with the inference module
         timings["train_nvcc_s"] = training.seconds
         timings["train_cache_hit"] = training.cache_hit
-        trainable = [p for p in graph.params if p.trainable and p.type.dtype == "f32"]
-        end = max((layout[0][p.name] + p.type.nbytes for p in trainable), default=0)
-        manifest["train"] = {
-            **_module_manifest(training), "loss": tg.loss, "step_input": tg.step_input,
-            "grads": tg.grads, "updates": tg.updates, "trainable_bytes": end,
-            "optimizer": {"name": train.optimizer, "hyper": dict(train.hyper)},
-            "label_inputs": list(graph.train.label_inputs) if graph.train else [],
-        }
+        manifest["train"] = train_manifest(graph, tg, train, layout, _module_manifest(training))
         plan_json["train"] = {"passes": [r.to_json() for r in training.reports], "memory": training.plan.to_json()}
         modules.append((training, "_train"))
     manifest["timings"] = timings
@@ -142,19 +121,6 @@ def compile_graph_cuda(graph: Graph, options, *, weights: dict | None = None, ou
     model = CudaCompiledModel(inference.path, manifest, weights, plan_json,
                               train_module_path=modules[1][0].path if len(modules) > 1 else None)
     if out_dir is not None:
-        write_build_dir(Path(out_dir), manifest, modules, plan_json, weights)
+        write_build_dir(Path(out_dir), manifest, modules, plan_json, weights, kernels_suffix=".cu")
     timings["total_s"] = time.perf_counter() - start
     return model
-
-
-def write_build_dir(out: Path, manifest: dict, modules: list, plan_json: dict, weights: dict) -> None:
-    from nncompile.runtime import MANIFEST
-
-    out.mkdir(parents=True, exist_ok=True)
-    for built, suffix in modules:
-        shutil.copy2(built.path, out / built.path.name)
-        (out / f"kernels{suffix}.cu").write_text(built.source.kernels)
-        (out / f"graph{suffix}.ir").write_text(str(built.lowered))
-    (out / "plan.json").write_text(json.dumps(plan_json, indent=1, default=str))
-    np.savez(out / "weights.npz", **{k: np.asarray(v) for k, v in weights.items()})
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))

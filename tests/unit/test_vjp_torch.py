@@ -20,8 +20,11 @@ T = TensorType
 dims = st.integers(1, 4)
 
 
-def compare(op, shapes, attrs=None, torch_fn=None, seed=0, positive=False, ints=None, tol=1e-9, ints_first=False):
-    """Build loss = sum(op(p0, p1, ..., ints...) * R) and compare its gradients with torch's."""
+def compare(op, shapes, attrs=None, torch_fn=None, seed=0, positive=False, ints=None, tol=1e-9, ints_first=False,
+            arrange=None):
+    """Build loss = sum(op(p0, p1, ..., ints...) * R) and compare its gradients with torch's.
+
+    ``arrange(b, float_names, int_names)`` may give the op's input list instead (to add constants)."""
     rng = np.random.default_rng(seed)
     b = GraphBuilder("case")
     values = [np.abs(rng.standard_normal(s)) + 0.5 if positive else rng.standard_normal(s) for s in shapes]
@@ -29,7 +32,11 @@ def compare(op, shapes, attrs=None, torch_fn=None, seed=0, positive=False, ints=
     int_values = [rng.integers(0, high, s) for s, high in (ints or [])]
     int_names = [b.param(f"q{i}", T(v.shape, "i64"), Init("given"), trainable=False, value=v)
                  for i, v in enumerate(int_values)]
-    out = b.op(op, int_names + names if ints_first else names + int_names, attrs or {})
+    if arrange is not None:
+        inputs = arrange(b, names, int_names)
+    else:
+        inputs = int_names + names if ints_first else names + int_names
+    out = b.op(op, inputs, attrs or {})
     r_value = rng.standard_normal(b.type_of(out).shape)
     r = b.param("R", T(r_value.shape, "f64"), Init("given"), trainable=False, value=r_value)
     b.output(b.op("sum", [b.op("mul", [out, r])], name="loss"))
@@ -145,26 +152,13 @@ def test_shape_ops(a, b, c, seed):
 
 @pytest.mark.parametrize("training", [False, True])
 def test_batch_norm(training):
-    def fn(x, w, b):
-        mean, var = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64), torch.tensor([1.5, 0.7, 1.1],
-                                                                                    dtype=torch.float64)
-        return F.batch_norm(x, mean, var, w, b, training=training, eps=1e-5)
+    mean, var = np.array([0.1, -0.2, 0.3]), np.array([1.5, 0.7, 1.1])
 
-    rng = np.random.default_rng(5)
-    b = GraphBuilder("bn")
-    values = [rng.standard_normal(s) for s in ((4, 3, 2, 2), (3,), (3,))]
-    names = [b.param(f"p{i}", T(v.shape, "f64"), Init("given"), value=v) for i, v in enumerate(values)]
-    mean = b.param("m", T((3,), "f64"), Init("given"), trainable=False, value=np.array([0.1, -0.2, 0.3]))
-    var = b.param("v", T((3,), "f64"), Init("given"), trainable=False, value=np.array([1.5, 0.7, 1.1]))
-    out = b.op("batch_norm", [names[0], mean, var, names[1], names[2]], {"training": training})
-    r_value = rng.standard_normal((4, 3, 2, 2))
-    r = b.param("R", T(r_value.shape, "f64"), Init("given"), trainable=False, value=r_value)
-    b.output(b.op("sum", [b.op("mul", [out, r])], name="loss"))
-    graph = b.build()
-    builder, grads = differentiate(graph, "loss", names)
-    builder.outputs = ["loss"] + [grads[n] for n in names]
-    got = run(verify(builder.build()), {}, dict(graph.weights), dtype=np.float64)
-    tensors = [torch.tensor(v, requires_grad=True) for v in values]
-    (fn(*tensors) * torch.tensor(r_value)).sum().backward()
-    for name, t in zip(names, tensors):
-        np.testing.assert_allclose(got[grads[name]], t.grad.numpy(), rtol=1e-8, atol=1e-10)
+    def arrange(b, names, _):
+        stats = [b.param(n, T((3,), "f64"), Init("given"), trainable=False, value=v)
+                 for n, v in (("m", mean), ("v", var))]
+        return [names[0], *stats, names[1], names[2]]
+
+    compare("batch_norm", [(4, 3, 2, 2), (3,), (3,)], {"training": training},
+            lambda x, w, b: F.batch_norm(x, torch.tensor(mean), torch.tensor(var), w, b, training=training, eps=1e-5),
+            seed=5, tol=1e-8, arrange=arrange)
