@@ -33,10 +33,9 @@ from __future__ import annotations
 import json
 import re
 
-from nncompile.codegen.cpp import CTYPES, GeneratedSource, cpp_identifier
+from nncompile.codegen.cpp import CTYPES, CppContext, GeneratedSource, cpp_identifier
 from nncompile.errors import BuildError, MissingRuleError
 from nncompile.ir.graph import Graph, Node
-from nncompile.ir.types import TensorType
 from nncompile.ops.base import get_op
 from nncompile.passes.plan_memory import MemoryPlan
 
@@ -61,41 +60,17 @@ def device_arena_bytes(arena_bytes: int) -> int:
     return error_offset(arena_bytes) + ERROR_ALIGN
 
 
-class CudaContext:
-    """What an ``emit_cuda`` rule may ask: pointers, types, and kernels to define and launch."""
+class CudaContext(CppContext):
+    """What an ``emit_cuda`` rule may ask: pointers, types and scratch (as for C++), and kernels to define
+    and launch."""
 
     def __init__(self, emitter: "CudaEmitter", node: Node, index: int):
-        self.emitter = emitter
-        self.node = node
+        super().__init__(emitter, node)
         self.index = index
         self._kernels = 0
 
-    # values
-    def ptr(self, name: str) -> str:
-        return self.emitter.pointer_names[name]
-
-    def type(self, name: str) -> TensorType:
-        return self.emitter.graph.type_of(name)
-
-    @property
-    def out(self) -> str:
-        return self.ptr(self.node.name)
-
-    @property
-    def out_type(self) -> TensorType:
-        return self.node.type
-
     def ctype(self, name: str) -> str:
         return cuda_ctype(self.type(name).dtype)
-
-    def same_storage(self, a: str, b: str) -> bool:
-        return self.emitter.plan.storage[a] == self.emitter.plan.storage[b]
-
-    def work(self) -> str:
-        offset = self.emitter.plan.workspace.get(self.node.name)
-        if offset is None:
-            raise BuildError(f"node '{self.node.name}' asked for scratch but none was planned")
-        return f"(arena + {offset})"
 
     def error_code(self) -> int:
         return self.emitter.error_code(self.node)
