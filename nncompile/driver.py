@@ -81,9 +81,12 @@ def _build(graph: Graph, options: CompileOptions, layout, keep_inputs: bool, say
     say("running passes")
     lowered, reports, plan = run_pipeline(graph, options.pipeline, workspace_bytes, layout, keep_inputs)
     say("generating C++")
-    probe = CppEmitter(lowered, plan, "nnc_module").emit_kernels()[0]
+    # the inference module keeps sparse weights' values packed between calls; the training module's
+    # weights change every step, so it packs them on each call
+    packed = not keep_inputs
+    probe = CppEmitter(lowered, plan, "nnc_module", packed_values=packed).emit_kernels()[0]
     module_name = "nnc_" + hashlib.sha256(probe.encode()).hexdigest()[:16]
-    source = CppEmitter(lowered, plan, module_name).emit()
+    source = CppEmitter(lowered, plan, module_name, packed_values=packed).emit()
     say("compiling")
     path, hit = build_module(source, options.build, verbose=options.verbose)
     return _Built(lowered, reports, plan, source, path, hit)
@@ -137,6 +140,10 @@ def compile_graph(graph: Graph, options: CompileOptions = CompileOptions(), *, w
     manifest = {"format": 1, "model": graph.name, "target": options.target, "weights_file": "weights.npz",
                 **_module_manifest(inference), "param_bytes": layout[1], "march": options.build.march,
                 "params": params_manifest(graph, layout)}
+    if inference.source.packed:
+        # sparse weights' packed values follow the parameters in the same block (see CppEmitter.pack_slot)
+        manifest["packed_values"] = inference.source.packed
+        manifest["param_bytes"] = max(layout[1], inference.source.packed["end"])
     plan_json = {"passes": [r.to_json() for r in inference.reports], "memory": inference.plan.to_json()}
     from nncompile.codegen.cpp_sparse import DECISIONS as sparse_choices   # per-layer sparse/dense kernel choices
     if sparse_choices.get(inference.source.module_name):

@@ -63,6 +63,14 @@ class CompiledModel:
             t = _type_from_json(p)
             view = self._param_block[p["offset"]:p["offset"] + t.nbytes].view(numpy_dtype(t.dtype)).reshape(t.shape)
             self._params[p["name"]] = view
+        # sparse weights whose values the module keeps packed after the parameters: a flag word says
+        # whether the packed copy is current; clearing it makes the next call pack again
+        packed = manifest.get("packed_values")
+        self._packed_flag = None
+        self._packed_names: set[str] = set()
+        if packed:
+            self._packed_flag = self._param_block[packed["flag_offset"]:packed["flag_offset"] + 4].view(np.int32)
+            self._packed_names = {w["weight"] for w in packed["weights"]}
         # torch state_dict name -> IR name, for models imported from torch
         self._by_source = {p["source"]: p["name"] for p in manifest["params"] if p.get("source")}
         if weights is not None:
@@ -79,8 +87,20 @@ class CompiledModel:
 
     # weights
     def parameters(self) -> dict[str, np.ndarray]:
-        """name -> array view of the module's weights (writes take effect on the next call)."""
-        return dict(self._params)
+        """name -> array view of the module's weights (writes take effect on the next call). The views
+        of sparse weights the module keeps packed are read-only: change those with ``load_weights``."""
+        found = dict(self._params)
+        for name in self._packed_names:
+            view = found[name].view()
+            view.flags.writeable = False
+            found[name] = view
+        return found
+
+    def weights_changed(self) -> None:
+        """Tell the module its weights changed behind its back (``load_weights`` and ``train_step`` do
+        this themselves): sparse weights' packed values are refreshed on the next call."""
+        if self._packed_flag is not None:
+            self._packed_flag[0] = 0
 
     def load_weights(self, weights: dict[str, Any] | str | Path) -> None:
         """Copy weights in by name, from a dict of arrays/tensors or an .npz file; shapes are checked."""
@@ -97,6 +117,7 @@ class CompiledModel:
             if array.shape != target.shape:
                 raise InputError(f"parameter '{name}' has shape {list(array.shape)}, expected {list(target.shape)}")
             target[...] = array
+        self.weights_changed()
 
     def state_dict(self) -> dict[str, Any]:
         """The weights as torch tensors (copies) under the torch module's names where the model came

@@ -141,6 +141,7 @@ class Trainer:
             if accumulate > 1:
                 grads_f32[...] = self.accum / accumulate
             self._update()
+            self.model.weights_changed()
         return float(np.mean(losses))
 
     def _update(self) -> None:

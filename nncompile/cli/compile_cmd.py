@@ -108,7 +108,11 @@ def run(args) -> int:
           f"{' (cache hit)' if summary['cache_hit'] else ''}")
     print(f"  inputs:  {', '.join(f'{k}: {v}' for k, v in summary['inputs'].items())}")
     print(f"  outputs: {', '.join(f'{k}: {v}' for k, v in summary['outputs'].items())}")
-    print(f"  params:  {summary['params']:,} ({summary['param_bytes']:,} bytes)")
+    packed = model.manifest.get("packed_values")
+    if packed:
+        summary["packed_values_bytes"] = packed["end"] - packed["flag_offset"]
+    print(f"  params:  {summary['params']:,} ({summary['param_bytes']:,} bytes"
+          + (f", of which {summary['packed_values_bytes']:,} hold sparse weights' packed values)" if packed else ")"))
     print(f"  arena:   {summary['arena_bytes']:,} bytes (lower bound {summary['arena_lower_bound']:,}); "
           f"{summary['fused_groups']} fused groups")
     if train is not None:

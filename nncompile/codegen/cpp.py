@@ -46,6 +46,7 @@ class GeneratedSource:
     module_name: str
     entry_points: dict[str, str] = field(default_factory=dict)
     node_lines: list[tuple[int, str]] = field(default_factory=list)   # (first line in kernels, node text)
+    packed: dict | None = None   # the persistent packed-values region of sparse weights (CppEmitter.packed_region)
 
 
 class CppContext:
@@ -105,12 +106,42 @@ class CppEmitter:
 
     target = "cpu"
 
-    def __init__(self, graph: Graph, plan: MemoryPlan, module_name: str = "nnc_module"):
+    def __init__(self, graph: Graph, plan: MemoryPlan, module_name: str = "nnc_module", packed_values: bool = False):
         self.graph = graph
         self.plan = plan
         self.module_name = module_name
         self.pointer_names: dict[str, str] = {}
         self.error_nodes: list[Node] = []
+        # packed_values: sparse weights' values are kept packed (pattern order) in a region after the
+        # parameters, refreshed when its valid flag is cleared (the runtime does so whenever weights change)
+        self.packed_values = packed_values
+        self.packed: list[dict] = []
+
+    # persistent packed values of sparse weights: [flag, 64 B][values of w1][values of w2]... after the params
+    @property
+    def packed_base(self) -> int:
+        return -(-self.plan.param_bytes // 64) * 64
+
+    def pack_slot(self, weight: str, nnz: int) -> int | None:
+        """Byte offset (in the parameter block) of ``weight``'s packed values, or None when this module
+        packs them on every call (training modules: the weights change every step)."""
+        if not self.packed_values:
+            return None
+        for entry in self.packed:
+            if entry["weight"] == weight:
+                return entry["offset"]
+        offset = self.packed[-1]["end"] if self.packed else self.packed_base + 64
+        self.packed.append({"weight": weight, "offset": offset, "nnz": nnz,
+                            "end": offset + -(-max(nnz, 1) * 4 // 64) * 64})
+        return offset
+
+    def packed_region(self) -> dict | None:
+        """Where the packed values live: the valid flag's offset, the region's end (the parameter block's
+        size) and each weight's slot; None when no layer uses them."""
+        if not self.packed:
+            return None
+        return {"flag_offset": self.packed_base, "end": self.packed[-1]["end"],
+                "weights": [{k: e[k] for k in ("weight", "offset", "nnz")} for e in self.packed]}
 
     def error_code(self, node: Node) -> int:
         """A status code the kernels set when ``node`` meets bad data (e.g. an index out of range)."""
@@ -141,6 +172,7 @@ class CppEmitter:
                  "int nnc_forward(void* const* inputs, void* const* outputs, char* params, char* arena) {",
                  "    (void)inputs; (void)outputs; (void)params; (void)arena;",
                  "    int status_ = 0;"]
+        body = len(lines)
         index = 0
         for item in (*self.graph.inputs, *self.graph.params):
             lines.append(self._declare(item.name, index))
@@ -162,6 +194,12 @@ class CppEmitter:
             lines.extend("        " + line if line else "" for line in code.strip("\n").splitlines())
             lines.append("    }")
         lines.extend(self._copy_outputs())
+        if self.packed:
+            # the sparse layers packed their values if the flag was clear: mark them valid (not after an error)
+            lines[body:body] = [f"    int32_t* const packed_valid_ = (int32_t*)(params + {self.packed_base});",
+                                "    const bool repack_ = *packed_valid_ != 1;"]
+            node_lines = [(line + 2, text) for line, text in node_lines]
+            lines.append("    if (status_ == 0) *packed_valid_ = 1;")
         lines += ["    return status_;", "}", ""] + self.emit_signature() + [
             "", "void* nnc_binding_init(const char* name);",
             f"__attribute__((visibility(\"default\"))) void* PyInit_{self.module_name}() "
@@ -199,14 +237,20 @@ class CppEmitter:
             "static const char* const nnc_errors_[] = {" + ", ".join(messages) + "};",
             "const nnc_signature* nnc_get_signature() {",
             f"    static const nnc_signature sig = {{{len(ins)}, nnc_inputs_, {len(outs)}, nnc_outputs_, "
-            f"{self.plan.arena_bytes}LL, {self.plan.param_bytes}LL, {len(messages)}, nnc_errors_}};",
+            f"{self.plan.arena_bytes}LL, {self.param_bytes}LL, {len(messages)}, nnc_errors_}};",
             "    return &sig;",
             "}",
         ]
 
+    @property
+    def param_bytes(self) -> int:
+        """The parameter block's size: the parameters, then the packed values of sparse weights."""
+        return self.packed[-1]["end"] if self.packed else self.plan.param_bytes
+
     def emit(self) -> GeneratedSource:
         kernels, node_lines = self.emit_kernels()
-        return GeneratedSource(kernels, BINDING_SOURCE, self.module_name, {"forward": "nnc_forward"}, node_lines)
+        return GeneratedSource(kernels, BINDING_SOURCE, self.module_name, {"forward": "nnc_forward"}, node_lines,
+                               self.packed_region())
 
 
 BINDING_SOURCE = r'''// pybind11 binding, the same for every model: it reads the kernels' signature table, checks every

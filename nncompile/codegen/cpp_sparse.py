@@ -3,8 +3,10 @@
 ``linear(x, W)`` whose weight type carries a ``Sparsity`` is emitted one of two ways, chosen per layer:
 
 * ``sparse``: W's pattern becomes CSR arrays (row pointers, column indices, row groups) baked into the
-  generated code as ``static const`` tables; the values are read from W's dense storage at the pattern's
-  positions, so training may update them. The kernel is vectorized over the batch; rows that share
+  generated code as ``static const`` tables. The values come from W's dense storage at the pattern's
+  positions: an inference module keeps them packed (kernel order) in a region after the parameters and
+  packs them again only after the weights changed (``CompiledModel.load_weights`` / ``train_step`` clear
+  the region's valid flag); a training module packs them on every call (its weights change every step). The kernel is vectorized over the batch; rows that share
   one column list (block sparsity: a block row; N:M and unstructured: single rows) are register-blocked
   together. Code size is bounded: the tables grow with the number of nonzeros (4 bytes each), the code
   itself does not.
@@ -16,7 +18,7 @@ unless the sparse estimate is at least ``MARGIN`` times faster (as LIBXSMM does)
 ``NNC_SPARSE_TIMING=1`` the choice is instead made by timing both kernels at compile time
 (``measure``); ``NNC_SPARSE_KERNEL=sparse|dense`` forces one (tests, benchmarks).
 ``NNC_SPARSE_VALUES=baked`` also bakes the values of weights the graph carries (torch imports) into the
-code: faster (no per-call packing of W's scattered values) but frozen - later weight updates are not seen. Each decision, with its figures, is written as a comment above the layer's code and kept
+code, frozen: later weight updates are not seen (kept for measurements; the persistent packed values are as fast). Each decision, with its figures, is written as a comment above the layer's code and kept
 in ``DECISIONS[module_name]`` (the driver copies it into plan.json under ``"sparse"``, and
 ``"train"."sparse"`` for the training step).
 
@@ -100,11 +102,16 @@ def pattern_from_mask(mask: np.ndarray, kb: int | None = None) -> Csr:
                (rows.astype(np.int64) * k + cols).astype(np.int64))
 
 
-def estimate(m: int, n: int, k: int, nnz: int) -> dict:
-    """Estimated seconds of the dense and the sparse kernel for y[m, n] = x[m, k] W^T."""
+def estimate(m: int, n: int, k: int, nnz: int, packed: bool = False) -> dict:
+    """Estimated seconds of the dense and the sparse kernel for y[m, n] = x[m, k] W^T. ``packed``: the
+    values are already packed (persistent buffer): the kernel streams values and column indices instead
+    of gathering W's scattered cache lines."""
     dense = max(2.0 * m * n * k / DENSE_FLOPS, 4.0 * n * k / GEMV_BYTES_PER_S)
     density = nnz / (n * k) if n * k else 0.0
-    touched = 4.0 * n * k * (1.0 - (1.0 - density) ** 16) / TOUCHED_BYTES_PER_S   # 16 floats per cache line
+    if packed:
+        touched = 8.0 * nnz / GEMV_BYTES_PER_S
+    else:
+        touched = 4.0 * n * k * (1.0 - (1.0 - density) ** 16) / TOUCHED_BYTES_PER_S   # 16 floats per cache line
     if m < 8:
         sparse = touched + SMALL_NNZ_S * nnz * m
     else:
@@ -113,9 +120,9 @@ def estimate(m: int, n: int, k: int, nnz: int) -> dict:
     return {"dense_s": dense, "sparse_s": sparse, "speedup": dense / sparse if sparse else math.inf}
 
 
-def choose(m: int, n: int, k: int, nnz: int, timing: bool | None = None, kernels=None) -> dict:
+def choose(m: int, n: int, k: int, nnz: int, timing: bool | None = None, kernels=None, packed: bool = False) -> dict:
     """Pick 'sparse' or 'dense' for one layer; the dict says why."""
-    est = estimate(m, n, k, nnz)
+    est = estimate(m, n, k, nnz, packed)
     density = nnz / (n * k) if n * k else 0.0
     decision = {"m": m, "n": n, "k": k, "nnz": nnz, "density": round(density, 4),
                 "est_dense_us": round(est["dense_s"] * 1e6, 2), "est_sparse_us": round(est["sparse_s"] * 1e6, 2),
@@ -194,7 +201,8 @@ def sparse_linear_call(ctx, args: list[str], out_ptr: str, epi: str) -> list[str
     csr = csr_pattern(w.sparsity, (n, k))
     timing = os.environ.get("NNC_SPARSE_TIMING", "") not in ("", "0")
     kernels = timing_kernels(w.sparsity, (n, k), m) if timing and m else None
-    decision = choose(m, n, k, csr.nnz, timing=timing, kernels=kernels)
+    persistent = getattr(ctx.emitter, "packed_values", False) or os.environ.get("NNC_SPARSE_VALUES") == "baked"
+    decision = choose(m, n, k, csr.nnz, timing=timing, kernels=kernels, packed=persistent)
     decision.update(weight=args[1], pattern=str(w.sparsity), row_groups=len(csr.gstart) - 1, k_block=csr.kb)
     _record(ctx, decision)
     comment = f"// sparse weight {args[1]}: {decision['kernel']} kernel ({decision['why']})"
@@ -211,9 +219,19 @@ def sparse_linear_call(ctx, args: list[str], out_ptr: str, epi: str) -> list[str
             lines.append("        " + ",".join(f"{float(v).hex()}f" for v in values[i:i + 16]) + ",")
         lines += ["    };" if len(values) else "    0.0f};", "    nnc::sparse::Pattern patv_ = pat_;", "    patv_.values = vals_;"]
         decision["values"] = "baked"
+    slot = ctx.emitter.pack_slot(args[1], csr.nnz) if frozen is None and hasattr(ctx.emitter, "pack_slot") else None
+    if slot is not None:
+        # the values, packed in the kernel's order, persist after the parameters; they are packed again
+        # (one pass over W) only when the runtime has cleared the valid flag (weights loaded or trained)
+        lines += [f"    float* const vals_ = (float*)(params + {slot});",
+                  f"    if (repack_) nnc::sparse::detail::pack_rows(pat_, {ptrs[1]}, {k}, 0, {n}, vals_);",
+                  "    nnc::sparse::Pattern patv_ = pat_;", "    patv_.values = vals_;"]
+        decision["values"] = "packed once per weight update"
+    elif frozen is None:
+        decision["values"] = "packed from W on every call"
     if len(args) == 3:
         lines.append(f"    {epi}.col_bias = {ptrs[2]};")
-    lines.append(f"    nnc::sparse::linear({m}, {ptrs[0]}, {ptrs[1]}, {'patv_' if frozen is not None else 'pat_'}, "
+    lines.append(f"    nnc::sparse::linear({m}, {ptrs[0]}, {ptrs[1]}, {'pat_' if frozen is None and slot is None else 'patv_'}, "
                  f"{out_ptr}, {epi});")
     _record(ctx, decision)
     lines.append("}")

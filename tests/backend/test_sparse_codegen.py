@@ -196,13 +196,37 @@ def test_compiled_sparse_model_ignores_off_pattern_weights(compiled):
     graph, model, out, batch = compiled
     x = np.random.default_rng(0).standard_normal((batch, 96)).astype(np.float32)
     before = model(x)
-    w1 = model.parameters()["w1"]
-    saved = w1.copy()
-    w1[w1 == 0] = 123.0
+    saved = model.parameters()["w1"].copy()
+    garbage = np.where(saved == 0, 123.0, saved).astype(np.float32)
+    model.load_weights({"w1": garbage})
     try:
         np.testing.assert_array_equal(model(x), before)
     finally:
-        w1[...] = saved
+        model.load_weights({"w1": saved})
+
+
+def test_packed_values_follow_weight_updates(compiled):
+    """The inference module keeps the sparse weights' values packed between calls; loading new weights
+    (or a training step) refreshes them, and the views it hands out cannot silently bypass that."""
+    graph, model, out, batch = compiled
+    packed = model.manifest["packed_values"]
+    assert {w["weight"] for w in packed["weights"]} == {"w1", "w2", "w3", "w4"}
+    assert model.manifest["param_bytes"] == packed["end"]
+    x = np.random.default_rng(1).standard_normal((batch, 96)).astype(np.float32)
+    saved = {k: v.copy() for k, v in model.parameters().items()}
+    model(x)
+    with pytest.raises(ValueError, match="read-only"):
+        model.parameters()["w2"][...] = 0.0
+    scaled = {k: (v * 1.5).astype(np.float32) for k, v in saved.items()}
+    model.load_weights(scaled)
+    try:
+        np.testing.assert_allclose(model(x), run(graph, {"x": x}, scaled)["y"], rtol=1e-4, atol=1e-5)
+        # a reloaded build directory packs on its first call too
+        again = nnc.load(out)
+        np.testing.assert_allclose(again(x), run(graph, {"x": x}, saved)["y"], rtol=1e-4, atol=1e-5)
+    finally:
+        model.load_weights(saved)
+    np.testing.assert_allclose(model(x), run(graph, {"x": x}, saved)["y"], rtol=1e-4, atol=1e-5)
 
 
 def test_chooser_keeps_dense_at_half_density_and_picks_sparse_at_ninety():

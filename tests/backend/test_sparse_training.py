@@ -76,6 +76,10 @@ def test_sparse_mlp_trains_like_torch_with_masked_grads(optimizer, kernel, monke
     ours, theirs = [], []
     for step in range(steps):
         x, labels = data[step % 4]
+        if step % 30 == 1:
+            # inference between steps sees the trained weights (its packed sparse values are refreshed)
+            expected = run(graph, {"x": x, "labels": labels}, model.parameters())["logits"]
+            np.testing.assert_allclose(model(x), expected, rtol=1e-4, atol=1e-5, err_msg=f"step {step}")
         ours.append(model.train_step(x, labels))
         opt.zero_grad()
         loss = F.cross_entropy(torch_forward(params, torch.from_numpy(x)), torch.from_numpy(labels))
