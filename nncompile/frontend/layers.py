@@ -142,6 +142,65 @@ def _conv2d(ctx: LayerContext, x, out, kernel, stride, padding, dilation, groups
     return ctx.op("conv2d", inputs, attrs)
 
 
+def _locally_connected(ctx: LayerContext, x, out, kernel, stride, padding, bias) -> Tensor:
+    """A conv-shaped layer without weight sharing, lowered to ``linear`` with a ``local`` sparsity pattern.
+
+    x [B, C, *spatial] is flattened channel-first to [B, C * prod(spatial)], multiplied by
+    weight [out * prod(out_spatial), C * prod(spatial)] (nonzero only inside each output position's
+    window) and reshaped to [B, out, *out_spatial]; bias has one entry per output unit (channel and position).
+    """
+    spatial_rank = 1 if ctx.name.endswith("1d") else 2
+    layout = "[batch, channels, length]" if spatial_rank == 1 else "[batch, channels, height, width]"
+    x = as_tensor(f"{ctx.name}: x", x, ctx.loc)
+    if x.type.rank != spatial_rank + 2:
+        raise ctx.fail(f"x must be {layout}, got {x.type.dense()}")
+    out = as_int(f"{ctx.name}: out", out, ctx.loc, 1)
+    kernel = _per_axis(ctx, "kernel", kernel, spatial_rank, 1)
+    stride = _per_axis(ctx, "stride", stride, spatial_rank, 1)
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":
+        if stride != (1,) * spatial_rank:
+            raise ctx.fail("padding=\"same\" needs stride=1")
+        if any(k % 2 == 0 for k in kernel):
+            raise ctx.fail(f"padding=\"same\" needs an odd kernel size, got kernel {list(kernel)}")
+        padding = [k // 2 for k in kernel]
+    padding = _per_axis(ctx, "padding", padding, spatial_rank, 0)
+    batch, channels, size = x.shape[0], x.shape[1], x.shape[2:]
+    for axis_size, k, p in zip(size, kernel, padding):
+        if k > axis_size + 2 * p:
+            raise ctx.fail(f"kernel {list(kernel)} is larger than the padded input "
+                           f"{[s + 2 * q for s, q in zip(size, padding)]} (x is {x.type.dense()})")
+    pattern = Sparsity("local", in_size=size, in_channels=channels, kernel=kernel, stride=stride, padding=padding)
+    out_size = pattern.out_size
+    in_features = channels * math.prod(size)
+    out_features = out * math.prod(out_size)
+    dtype = _float_dtype(x)
+    # torch's Conv default, U(+-1/sqrt(fan_in)), with the window's fan-in (kaiming_uniform would use all K columns)
+    bound = 1.0 / math.sqrt(channels * math.prod(kernel))
+    weight = ctx.param("weight", (out_features, in_features), _uniform(bound), dtype, sparsity=pattern)
+    flat = ctx.op("reshape", [x], {"shape": (batch, in_features)}, local="flat")
+    inputs = [flat, weight]
+    if as_bool(f"{ctx.name}: bias", bias, ctx.loc):
+        inputs.append(ctx.param("bias", (out_features,), _uniform(bound), dtype))
+    y = ctx.op("linear", inputs, local="linear")
+    return ctx.op("reshape", [y], {"shape": (batch, out, *out_size)})
+
+
+def _per_axis(ctx: LayerContext, what: str, value, rank: int, minimum: int) -> tuple[int, ...]:
+    """An int (every axis) or a list of ``rank`` ints."""
+    values = value if isinstance(value, list) else [value] * rank
+    if len(values) != rank:
+        raise ctx.fail(f"{what} must be an integer or a list of {rank} integers, got {len(values)} values")
+    return tuple(as_int(f"{ctx.name}: {what}", v, ctx.loc, minimum) for v in values)
+
+
+for _name, _layout in (("LocallyConnected1d", "x [B, C, L]"), ("LocallyConnected2d", "x [B, C, H, W]")):
+    layer(_name, f"convolution-shaped layer without weight sharing, {_layout}: linear with a local sparsity pattern. "
+          "weight [out * out positions, C * in positions] U(+-1/sqrt(C * kernel)), bias [out * out positions]",
+          x=REQUIRED, out=REQUIRED, kernel=REQUIRED, stride=1, padding=0, bias=True)(_locally_connected)
+
+
 def _same_padding(ctx: LayerContext, kernel, stride, dilation) -> list[int]:
     """torch's padding="same": output size = input size; needs stride 1 and a symmetric padding."""
     if stride != (1, 1):

@@ -39,7 +39,9 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
     "adamw": {"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
 }
 
-SPARSE_ARGS = {"density": None, "seed": 0, "block": None, "nm": None, "n": None, "m": None, "mask": None}
+SPARSE_ARGS = {"density": None, "seed": 0, "block": None, "nm": None, "n": None, "m": None, "mask": None,
+               "local": None, "channels": None, "kernel": None, "stride": 1, "padding": 0}
+LOCAL_ARGS = ("channels", "kernel", "stride", "padding")
 
 
 def resolve_path(path: str, base_dir: Path) -> Path:
@@ -86,8 +88,14 @@ def default_init(shape: tuple[int, ...], trainable: bool) -> Init:
 
 def make_sparsity(positional: Sequence[Any], keywords: Mapping[str, Any], loc: SourceLoc | None,
                   base_dir: Path) -> Sparsity:
-    """``sparse(density=, seed=)``, ``sparse(block=, density=)``, ``sparse(nm=2:4)`` / ``(n=, m=)``, ``sparse(mask=)``."""
+    """``sparse(density=, seed=)``, ``sparse(block=, density=)``, ``sparse(nm=2:4)`` / ``(n=, m=)``, ``sparse(mask=)``,
+    ``sparse(local=[H, W], channels=C, kernel=k, stride=1, padding=0)``."""
     args = bind_args("sparse", SPARSE_ARGS, positional, keywords, loc)
+    if args["local"] is not None:
+        return _local_sparsity(args, loc)
+    if args["channels"] is not None or args["kernel"] is not None:
+        raise ShapeError("sparse: channels= and kernel= belong to a locally connected pattern; give local=[H, W] too",
+                         loc)
     seed = as_int("sparse: seed", args["seed"], loc, 0)
     density = None if args["density"] is None else as_number("sparse: density", args["density"], loc)
     if args["mask"] is not None:
@@ -121,6 +129,31 @@ def make_sparsity(positional: Sequence[Any], keywords: Mapping[str, Any], loc: S
     return _sparsity(loc, kind="unstructured", density=density, seed=seed)
 
 
+def _local_sparsity(args: Mapping[str, Any], loc: SourceLoc | None) -> Sparsity:
+    """``sparse(local=[H, W] or L, channels=C, kernel=, stride=, padding=)``: kernel/stride/padding an int or one
+    integer per spatial axis."""
+    others = [key for key in ("density", "block", "nm", "n", "m", "mask") if args[key] is not None]
+    if others:
+        raise ShapeError(f"sparse: local= fixes the whole pattern; it cannot be combined with {', '.join(others)}", loc)
+    size = args["local"]
+    size = list(size) if isinstance(size, list) else [size]
+    if len(size) not in (1, 2):
+        raise ShapeError(f"sparse: local= is the input's spatial size, [H, W] or L, got {len(size)} values", loc)
+    size = tuple(as_int("sparse: local", v, loc, 1) for v in size)
+    if args["channels"] is None or args["kernel"] is None:
+        missing = " and ".join(k for k in ("channels", "kernel") if args[k] is None)
+        raise ShapeError(f"sparse: local= needs {missing}", loc)
+    fields = {"in_size": size, "in_channels": as_int("sparse: channels", args["channels"], loc, 1)}
+    for key, minimum in (("kernel", 1), ("stride", 1), ("padding", 0)):
+        value = args[key]
+        values = value if isinstance(value, list) else [value] * len(size)
+        if len(values) != len(size):
+            raise ShapeError(f"sparse: {key} must be an integer or {len(size)} integers (one per axis of local=), "
+                             f"got {len(values)}", loc)
+        fields[key] = tuple(as_int(f"sparse: {key}", v, loc, minimum) for v in values)
+    return _sparsity(loc, kind="local", **fields)
+
+
 def _sparsity(loc: SourceLoc | None, **fields) -> Sparsity:
     try:
         return Sparsity(**fields)
@@ -140,6 +173,11 @@ def check_sparsity(sparsity: Sparsity, shape: tuple[int, ...], loc: SourceLoc | 
         if not shape or shape[-1] % sparsity.m:
             raise ShapeError(f"last dimension of weight shape {list(shape)} is not divisible by M={sparsity.m} "
                              f"for {sparsity.n}:{sparsity.m} sparsity", loc)
+    elif sparsity.kind == "local":
+        try:
+            sparsity.local_out_channels(shape)
+        except ShapeError as err:
+            raise err.with_loc(loc)
     elif sparsity.kind == "mask":
         try:
             sparsity.mask(shape)

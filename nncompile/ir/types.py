@@ -38,7 +38,7 @@ def dtype_of_array(array: np.ndarray) -> str:
     raise InputError(f"unsupported array dtype {array.dtype}")
 
 
-SPARSITY_KINDS = ("unstructured", "block", "nm", "mask")
+SPARSITY_KINDS = ("unstructured", "block", "nm", "mask", "local")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ class Sparsity:
     """A fixed sparsity pattern of a weight, decided at compile time.
 
     kinds: ``unstructured`` (density, seed), ``block`` (block=(bh, bw), density, seed),
-    ``nm`` (n of every m consecutive weights along the last axis, seed), ``mask`` (path to .npy/.npz).
+    ``nm`` (n of every m consecutive weights along the last axis, seed), ``mask`` (path to .npy/.npz),
+    ``local`` (a locally connected layer: in_size, in_channels, kernel, stride, padding; see ``local_mask``).
     """
 
     kind: str
@@ -56,6 +57,11 @@ class Sparsity:
     n: int | None = None
     m: int | None = None
     path: str | None = None
+    in_size: tuple[int, ...] | None = None
+    in_channels: int | None = None
+    kernel: tuple[int, ...] | None = None
+    stride: tuple[int, ...] | None = None
+    padding: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.kind not in SPARSITY_KINDS:
@@ -69,6 +75,8 @@ class Sparsity:
             raise ShapeError(f"N:M sparsity needs 0 < N <= M, got {self.n}:{self.m}")
         if self.kind == "mask" and not self.path:
             raise ShapeError("mask sparsity needs a file path")
+        if self.kind == "local":
+            self._check_local()
 
     def mask(self, shape: tuple[int, ...]) -> np.ndarray:
         """The boolean pattern (True = nonzero) for a weight of ``shape``; deterministic."""
@@ -99,6 +107,8 @@ class Sparsity:
             mask = np.zeros((groups, self.m), dtype=bool)
             np.put_along_axis(mask, order, True, axis=1)
             return mask.reshape(shape)
+        if self.kind == "local":
+            return self._local_mask(shape)
         return self._load_mask(shape)
 
     def _load_mask(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -112,10 +122,82 @@ class Sparsity:
             raise ShapeError(f"mask file '{self.path}' has shape {list(data.shape)}, the weight is {list(shape)}")
         return data != 0
 
+    # locally connected layers ----------------------------------------------------------------------
+
+    def _check_local(self) -> None:
+        """Normalize in_size/kernel/stride/padding to tuples of one length (1-D or 2-D) and check them."""
+        if self.in_size is None or self.in_channels is None or self.kernel is None:
+            raise ShapeError("local sparsity needs in_size, in_channels and kernel")
+        rank = len(self.in_size) if isinstance(self.in_size, (tuple, list)) else 1
+        if rank not in (1, 2):
+            raise ShapeError(f"local sparsity is 1-D or 2-D, got in_size {list(self.in_size)}")
+        defaults = {"stride": 1, "padding": 0}
+        for field, minimum in (("in_size", 1), ("kernel", 1), ("stride", 1), ("padding", 0)):
+            value = getattr(self, field)
+            value = defaults[field] if value is None else value
+            value = tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
+            if len(value) != rank or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ShapeError(f"local sparsity: {field} must be {rank} integer{'s' if rank > 1 else ''} "
+                                 f"(the rank of in_size), got {list(value)}")
+            if min(value) < minimum:
+                raise ShapeError(f"local sparsity: {field} must be >= {minimum}, got {list(value)}")
+            object.__setattr__(self, field, value)
+        if not isinstance(self.in_channels, int) or isinstance(self.in_channels, bool) or self.in_channels < 1:
+            raise ShapeError(f"local sparsity: in_channels must be an integer >= 1, got {self.in_channels!r}")
+        for size, k, p in zip(self.in_size, self.kernel, self.padding):
+            if k > size + 2 * p:
+                raise ShapeError(f"local sparsity: kernel {list(self.kernel)} is larger than the padded input "
+                                 f"{[s + 2 * q for s, q in zip(self.in_size, self.padding)]}")
+
+    @property
+    def out_size(self) -> tuple[int, ...]:
+        """Output positions per spatial axis of a ``local`` pattern: (size + 2 padding - kernel) // stride + 1."""
+        return tuple((size + 2 * p - k) // s + 1
+                     for size, k, s, p in zip(self.in_size, self.kernel, self.stride, self.padding))
+
+    def _axis_windows(self) -> list[np.ndarray]:
+        """Per spatial axis, [out, in] bool: output o sees input i when 0 <= i - (o * stride - padding) < kernel."""
+        windows = []
+        for size, k, s, p, out in zip(self.in_size, self.kernel, self.stride, self.padding, self.out_size):
+            offset = np.arange(size)[None, :] - (np.arange(out) * s - p)[:, None]
+            windows.append((offset >= 0) & (offset < k))
+        return windows
+
+    def local_out_channels(self, shape: tuple[int, ...]) -> int:
+        """Output channels of a ``local`` weight of ``shape`` [N, K] (N = out_channels * prod(out_size))."""
+        positions = math.prod(self.out_size)
+        in_features = self.in_channels * math.prod(self.in_size)
+        if len(shape) != 2:
+            raise ShapeError(f"local sparsity needs a 2-D weight [out features, in features], got shape {list(shape)}")
+        if shape[1] != in_features:
+            raise ShapeError(f"local sparsity: weight shape {list(shape)} has {shape[1]} columns, expected "
+                             f"{in_features} (in_channels {self.in_channels} x input {_dims(self.in_size)})")
+        if shape[0] == 0 or shape[0] % positions:
+            raise ShapeError(f"local sparsity: weight shape {list(shape)} has {shape[0]} rows, not a positive multiple "
+                             f"of the {positions} output positions (output {_dims(self.out_size)} from input "
+                             f"{_dims(self.in_size)}, kernel {_dims(self.kernel)}, stride {_dims(self.stride)}, "
+                             f"padding {_dims(self.padding)})")
+        return shape[0] // positions
+
+    def _local_mask(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Row ``o * P_out + q`` (out channel o, output position q) keeps column ``c * P_in + i`` (in channel c,
+        input position i) when i lies in q's window: both sides are flattened channel-first (NCHW order)."""
+        out_channels = self.local_out_channels(shape)
+        windows = self._axis_windows()
+        connect = windows[0]
+        if len(windows) == 2:
+            rows, cols = windows
+            connect = (rows[:, None, :, None] & cols[None, :, None, :]).reshape(rows.shape[0] * cols.shape[0], -1)
+        positions_out, positions_in = connect.shape
+        full = np.broadcast_to(connect[None, :, None, :], (out_channels, positions_out, self.in_channels, positions_in))
+        return full.reshape(shape)
+
     @property
     def expected_density(self) -> float | None:
         if self.kind == "nm":
             return self.n / self.m
+        if self.kind == "local":
+            return math.prod(float(a.mean()) for a in self._axis_windows())
         return self.density
 
     def __str__(self) -> str:
@@ -125,8 +207,15 @@ class Sparsity:
             return f"block(bh={self.block[0]}, bw={self.block[1]}, density={self.density!r}, seed={self.seed})"
         if self.kind == "nm":
             return f"nm(n={self.n}, m={self.m}, seed={self.seed})"
+        if self.kind == "local":
+            return (f"local(in_size={self.in_size}, in_channels={self.in_channels}, kernel={self.kernel}, "
+                    f"stride={self.stride}, padding={self.padding})")
         quoted = '"' + str(self.path).replace("\\", "\\\\").replace('"', '\\"') + '"'
         return f"mask(path={quoted})"
+
+
+def _dims(values: tuple[int, ...]) -> str:
+    return "x".join(map(str, values))
 
 
 @dataclass(frozen=True)
