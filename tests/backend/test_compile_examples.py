@@ -15,7 +15,7 @@ pytestmark = pytest.mark.backend
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SMALL = {"mlp.nn": {"B": 16}, "lenet.nn": {"B": 4}, "gpt.nn": {"B": 2, "T": 32, "layers": 2},
-         "sparse_mlp.nn": {"B": 8}}
+         "sparse_mlp.nn": {"B": 8}, "local_mnist.nn": {"B": 8}}
 
 
 def example_inputs(graph, seed=0):

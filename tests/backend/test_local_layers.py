@@ -8,6 +8,7 @@ the dense weight only inside the windows, so no gradient masking is needed on th
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from nncompile.codegen import cpp_sparse
 from nncompile.ir.interp import run
 
 pytestmark = pytest.mark.backend
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 MODEL = """
 dim B = {batch}
@@ -163,3 +166,32 @@ def test_local_training_graph_uses_pattern_only_gradients():
         while node.op == "identity":
             node = producers[node.inputs[0]]
         assert node.op == "sparse_weight_grad", (name, node.op)
+
+
+def test_local_mnist_example_trains_like_torch():
+    """examples/local_mnist.nn under the default chooser, 10 steps against the unfold formulation."""
+    graph = nnc.parse(EXAMPLES / "local_mnist.nn", set={"B": 8})
+    model = nnc.compile(graph, train=True)
+    gathers = [window_gather(1, (28, 28), 4, 5, 2, 0), window_gather(4, (12, 12), 8, 3, 2, 0)]
+    params = {k: torch.from_numpy(v.copy()).requires_grad_(True) for k, v in model.parameters().items()}
+    opt = torch.optim.SGD(list(params.values()), lr=0.05, momentum=0.9)
+    rng = np.random.default_rng(3)
+    data = [(rng.standard_normal((8, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 8)) for _ in range(2)]
+    ours, theirs = [], []
+    for step in range(10):
+        x, labels = data[step % 2]
+        ours.append(model.train_step(x, labels))
+        opt.zero_grad()
+        h = F.relu(torch_local(torch.from_numpy(x), params["lc1.weight"], params["lc1.bias"], gathers[0], 5, 2, 0))
+        g = F.relu(torch_local(h, params["lc2.weight"], params["lc2.bias"], gathers[1], 3, 2, 0))
+        logits = F.linear(g.reshape(8, 200), params["fc.weight"], params["fc.bias"])
+        loss = F.cross_entropy(logits, torch.from_numpy(labels))
+        loss.backward()
+        opt.step()
+        theirs.append(loss.item())
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+    final = model.parameters()
+    for name in ("lc1.weight", "lc2.weight"):
+        t = graph.type_of(name)
+        np.testing.assert_allclose(final[name], params[name].detach().numpy(), atol=1e-4, rtol=0, err_msg=name)
+        assert np.all(final[name][~t.sparsity.mask(t.shape)] == 0)

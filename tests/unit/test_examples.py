@@ -13,7 +13,8 @@ from nncompile.ops.base import OPS
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "language.md"
 # small sizes so the interpreter runs fast; the defaults are checked by shape only
-SMALL = {"mlp": {"B": 4}, "lenet": {"B": 2}, "gpt": {"B": 2, "T": 16, "layers": 2}, "sparse_mlp": {"B": 4}}
+SMALL = {"mlp": {"B": 4}, "lenet": {"B": 2}, "gpt": {"B": 2, "T": 16, "layers": 2}, "sparse_mlp": {"B": 4},
+         "local_mnist": {"B": 2}}
 
 
 def example_inputs(graph, seed=0):
