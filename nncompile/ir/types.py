@@ -47,7 +47,7 @@ class Sparsity:
 
     kinds: ``unstructured`` (density, seed), ``block`` (block=(bh, bw), density, seed),
     ``nm`` (n of every m consecutive weights along the last axis, seed), ``mask`` (path to .npy/.npz),
-    ``local`` (a locally connected layer: in_size, in_channels, kernel, stride, padding; see ``local_mask``).
+    ``local`` (a locally connected layer: in_size, in_channels, kernel, stride, padding; layout in ``_local_mask``).
     """
 
     kind: str
@@ -184,10 +184,11 @@ class Sparsity:
         input position i) when i lies in q's window: both sides are flattened channel-first (NCHW order)."""
         out_channels = self.local_out_channels(shape)
         windows = self._axis_windows()
-        connect = windows[0]
+        connect = windows[0]   # [output positions, input positions]
         if len(windows) == 2:
-            rows, cols = windows
-            connect = (rows[:, None, :, None] & cols[None, :, None, :]).reshape(rows.shape[0] * cols.shape[0], -1)
+            along_h, along_w = windows
+            connect = (along_h[:, None, :, None] & along_w[None, :, None, :]).reshape(
+                along_h.shape[0] * along_w.shape[0], -1)
         positions_out, positions_in = connect.shape
         full = np.broadcast_to(connect[None, :, None, :], (out_channels, positions_out, self.in_channels, positions_in))
         return full.reshape(shape)
