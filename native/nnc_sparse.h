@@ -1,4 +1,4 @@
-// nnc_sparse.h - linear layers whose weight has a fixed sparsity pattern (AVX2 + FMA).
+// nnc_sparse.h - linear layers whose weight has a fixed sparsity pattern (AVX2 + FMA; AVX-512 at run time).
 //
 //   y[M, N] = x[M, K] @ W[N, K]^T (+ epilogue: column bias, activation, residual)
 //
@@ -7,8 +7,10 @@
 // Only the weights on the pattern are read, so values may change between calls (training).
 //
 // The kernels are vectorized over the batch dimension: a chunk of up to 64 rows of x is transposed
-// into xT[K][ld] (8x8 AVX transposes), every nonzero W[n, c] becomes one broadcast and ceil(mb/8) FMAs
-// against xT[c], and the result yT[N][ld] is transposed back with the epilogue applied on the way.
+// into xT[K][ld] (8x8 AVX transposes), every nonzero W[n, c] becomes one broadcast and ld/16 zmm FMAs
+// (AVX-512 CPUs) or ld/8 ymm FMAs (AVX2) against xT[c], and the result yT[N][ld] is transposed back
+// with the epilogue applied on the way. Each FMA reads its xT vector from L1/L2 (no reuse across
+// unstructured rows), so the kernel is bound by load bandwidth: 256 bytes per nonzero at 64 lanes.
 // Groups of consecutive rows with the same column pattern (block sparsity: a block row) run together,
 // sharing each xT load across the rows of the group (register blocking); N:M patterns are CSR rows
 // with a fixed count. Also here: the backward pieces for training with a fixed pattern
@@ -89,15 +91,16 @@ __attribute__((noinline)) inline void transpose_in(const float* x, long ldx, int
     }
 }
 
-// y[i, n] (+epilogue) = yT[n * ld + i] for i < mb, n < N.
+// y[i, n] (+epilogue) = yT[n * ld + i] for i < mb, n < N. Rows of y are written in order (8 rows at a time,
+// sweeping n), so every line of y is filled whole while it is in L1.
 __attribute__((noinline)) inline void transpose_out(const float* yT, int ld, int mb, int N, float* y, long ldy, const Epilogue& ep, long row0) {
-    int n0 = 0;
-    for (; n0 + 8 <= N; n0 += 8) {
-        int i0 = 0;
-        __m256 bias = ep.col_bias ? _mm256_loadu_ps(ep.col_bias + n0) : _mm256_setzero_ps();
-        for (; i0 + 8 <= mb; i0 += 8) {
+    const int n8 = N / 8 * 8;
+    int i0 = 0;
+    for (; i0 + 8 <= mb; i0 += 8) {
+        for (int n0 = 0; n0 < n8; n0 += 8) {
+            const __m256 bias = ep.col_bias ? _mm256_loadu_ps(ep.col_bias + n0) : _mm256_setzero_ps();
             __m256 r[8];
-            for (int r_ = 0; r_ < 8; ++r_) r[r_] = _mm256_loadu_ps(yT + (long)(n0 + r_) * ld + i0);
+            for (int r_ = 0; r_ < 8; ++r_) r[r_] = _mm256_load_ps(yT + (long)(n0 + r_) * ld + i0);
             gemm::transpose8x8(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
             for (int r_ = 0; r_ < 8; ++r_) {
                 __m256 v = _mm256_add_ps(r[r_], bias);
@@ -106,7 +109,10 @@ __attribute__((noinline)) inline void transpose_out(const float* yT, int ld, int
                 _mm256_storeu_ps(y + (long)(i0 + r_) * ldy + n0, v);
             }
         }
-        for (; i0 < mb; ++i0) {
+    }
+    for (; i0 < mb; ++i0) {
+        for (int n0 = 0; n0 < n8; n0 += 8) {
+            const __m256 bias = ep.col_bias ? _mm256_loadu_ps(ep.col_bias + n0) : _mm256_setzero_ps();
             alignas(32) float tmp[8];
             for (int j = 0; j < 8; ++j) tmp[j] = yT[(long)(n0 + j) * ld + i0];
             __m256 v = _mm256_add_ps(_mm256_load_ps(tmp), bias);
@@ -115,7 +121,7 @@ __attribute__((noinline)) inline void transpose_out(const float* yT, int ld, int
             _mm256_storeu_ps(y + (long)i0 * ldy + n0, v);
         }
     }
-    for (; n0 < N; ++n0) {
+    for (int n0 = n8; n0 < N; ++n0) {
         for (int i = 0; i < mb; ++i) {
             float v = yT[(long)n0 * ld + i] + (ep.col_bias ? ep.col_bias[n0] : 0.0f);
             if (ep.act != ACT_NONE) v = activate_scalar(v, ep.act);
@@ -125,87 +131,120 @@ __attribute__((noinline)) inline void transpose_out(const float* yT, int ld, int
     }
 }
 
-// One row against V vectors (8V batch lanes) of xT. vals[j - begin] is the weight of cols[j]; U
-// independent accumulator sets hide the FMA latency when V is small. first: out = the sum, else out +=.
-template <int V, int U>
-inline void row_kernel(const float* __restrict vals, const int32_t* __restrict cols, int begin, int end,
-                       const float* __restrict xT, int ld, float* __restrict out, bool first) {
-    __m256 acc[U][V];
-    for (int u = 0; u < U; ++u)
-        for (int v = 0; v < V; ++v) acc[u][v] = (u == 0 && !first) ? _mm256_load_ps(out + 8 * v) : _mm256_setzero_ps();
-    vals -= begin;
-    int j = begin;
-    for (; j + U <= end; j += U) {
-        for (int u = 0; u < U; ++u) {
-            const __m256 wv = _mm256_broadcast_ss(vals + j + u);
-            const float* xr = xT + (long)cols[j + u] * ld;
-            for (int v = 0; v < V; ++v) acc[u][v] = _mm256_fmadd_ps(wv, _mm256_load_ps(xr + 8 * v), acc[u][v]);
-        }
+// The batch-lane kernels. xT's rows are LD = W * V floats (W lanes per vector, V vectors); a row of W
+// (a CSR range) costs one broadcast and V FMAs per nonzero, each FMA reading one vector of xT. A row
+// keeps S sets of V accumulators (nonzeros j, j + S, ... go to one set) so that about 8 independent
+// FMA chains hide the FMA latency; the partial sums of earlier K blocks are added at the end, so their
+// load (often from L2) stays off the chains. Rows of a group (same columns) share each xT load
+// (register blocking). The AVX2 (ymm) and AVX-512 (zmm) versions are the same code, instantiated twice
+// from this macro with the vector type and intrinsics as arguments.
+#define NNC_SPARSE_KERNELS(VEC, W, TARGET, SUFFIX, LOAD, STORE, ZERO, SET1, FMA, ADD)                          \
+    template <int V, int S>                                                                                    \
+    TARGET inline void row##SUFFIX(const float* __restrict va, const int32_t* __restrict ca, int la,           \
+                                   const float* __restrict xT, float* __restrict out, bool first) {            \
+        constexpr long LD = (long)W * V;                                                                       \
+        VEC a[S][V];                                                                                           \
+        for (int u = 0; u < S; ++u)                                                                            \
+            for (int v = 0; v < V; ++v) a[u][v] = ZERO();                                                      \
+        int j = 0;                                                                                             \
+        for (; j + S <= la; j += S)                                                                            \
+            for (int u = 0; u < S; ++u) {                                                                      \
+                const VEC wa = SET1(va[j + u]);                                                                \
+                const float* xa = xT + ca[j + u] * LD;                                                         \
+                for (int v = 0; v < V; ++v) a[u][v] = FMA(wa, LOAD(xa + W * v), a[u][v]);                     \
+            }                                                                                                  \
+        for (; j < la; ++j) {                                                                                  \
+            const VEC wa = SET1(va[j]);                                                                        \
+            const float* xa = xT + ca[j] * LD;                                                                 \
+            for (int v = 0; v < V; ++v) a[0][v] = FMA(wa, LOAD(xa + W * v), a[0][v]);                         \
+        }                                                                                                      \
+        for (int u = 1; u < S; ++u)                                                                            \
+            for (int v = 0; v < V; ++v) a[0][v] = ADD(a[0][v], a[u][v]);                                       \
+        if (!first)                                                                                            \
+            for (int v = 0; v < V; ++v) a[0][v] = ADD(a[0][v], LOAD(out + W * v));                             \
+        for (int v = 0; v < V; ++v) STORE(out + W * v, a[0][v]);                                               \
+    }                                                                                                          \
+                                                                                                               \
+    /* R rows sharing one column list (a block row), VB vectors at a time: each xT load feeds R FMAs.      */ \
+    /* vals[r][j - begin] is row r's weight of cols[j].                                                    */ \
+    template <int V, int R, int VB>                                                                            \
+    TARGET inline void group##SUFFIX(const float* const* vals, const int32_t* __restrict cols, int begin,      \
+                                     int end, const float* __restrict xT, float* __restrict out, bool first) { \
+        constexpr long LD = (long)W * V;                                                                       \
+        for (int v0 = 0; v0 < V; v0 += VB) {                                                                   \
+            VEC acc[R][VB];                                                                                    \
+            for (int r = 0; r < R; ++r)                                                                        \
+                for (int v = 0; v < VB; ++v) acc[r][v] = ZERO();                                               \
+            for (int j = begin; j < end; ++j) {                                                                \
+                VEC xv[VB];                                                                                    \
+                const float* xr = xT + cols[j] * LD + W * v0;                                                  \
+                for (int v = 0; v < VB; ++v) xv[v] = LOAD(xr + W * v);                                         \
+                for (int r = 0; r < R; ++r) {                                                                  \
+                    const VEC wv = SET1(vals[r][j - begin]);                                                   \
+                    for (int v = 0; v < VB; ++v) acc[r][v] = FMA(wv, xv[v], acc[r][v]);                        \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int r = 0; r < R; ++r)                                                                        \
+                for (int v = 0; v < VB; ++v) {                                                                 \
+                    float* o = out + r * LD + W * (v0 + v);                                                    \
+                    STORE(o, first ? acc[r][v] : ADD(acc[r][v], LOAD(o)));                                     \
+                }                                                                                              \
+        }                                                                                                      \
+    }                                                                                                          \
+                                                                                                               \
+    /* Groups [g0, g1) over K block kblk; vals are the packed values (Pattern::values order); yT's rows    */ \
+    /* are W * V floats.                                                                                   */ \
+    template <int V>                                                                                           \
+    TARGET __attribute__((noinline)) void rows_chunk##SUFFIX(const Pattern& p, int kblk, int g0, int g1,       \
+                                                             const float* vals, const float* xT, float* yT) { \
+        constexpr long LD = (long)W * V;                                                                       \
+        constexpr int S = W * V >= 64 ? 1 : (V >= 3 ? 2 : 4);                                                  \
+        constexpr int VG = W == 16 ? V : (V % 2 == 0 ? 2 : 1);                                                 \
+        const int32_t* rowptr = p.rowptr + (long)kblk * p.rows;                                                \
+        const int32_t* cols = p.cols;                                                                          \
+        const bool first = kblk == 0;                                                                          \
+        for (int g = g0; g < g1; ++g) {                                                                        \
+            const int n0 = p.gstart ? p.gstart[g] : g;                                                         \
+            const int n1 = p.gstart ? p.gstart[g + 1] : g + 1;                                                 \
+            const int b = rowptr[n0], e = rowptr[n0 + 1];                                                      \
+            int n = n0;                                                                                        \
+            if (n1 - n0 > 1 && e > b) {                                                                        \
+                const float* rv[4];                                                                            \
+                for (; n + 4 <= n1; n += 4) {                                                                  \
+                    for (int r = 0; r < 4; ++r) rv[r] = vals + rowptr[n + r];                                  \
+                    group##SUFFIX<V, 4, VG>(rv, cols, b, e, xT, yT + n * LD, first);                           \
+                }                                                                                              \
+                if (n + 2 <= n1) {                                                                             \
+                    for (int r = 0; r < 2; ++r) rv[r] = vals + rowptr[n + r];                                  \
+                    group##SUFFIX<V, 2, VG>(rv, cols, b, e, xT, yT + n * LD, first);                           \
+                    n += 2;                                                                                    \
+                }                                                                                              \
+            }                                                                                                  \
+            for (; n < n1; ++n) {                                                                              \
+                const int rb = rowptr[n], re = rowptr[n + 1];                                                  \
+                row##SUFFIX<V, S>(vals + rb, cols + rb, re - rb, xT, yT + n * LD, first);                      \
+            }                                                                                                  \
+        }                                                                                                      \
     }
-    for (; j < end; ++j) {
-        const __m256 wv = _mm256_broadcast_ss(vals + j);
-        const float* xr = xT + (long)cols[j] * ld;
-        for (int v = 0; v < V; ++v) acc[0][v] = _mm256_fmadd_ps(wv, _mm256_load_ps(xr + 8 * v), acc[0][v]);
-    }
-    for (int u = 1; u < U; ++u)
-        for (int v = 0; v < V; ++v) acc[0][v] = _mm256_add_ps(acc[0][v], acc[u][v]);
-    for (int v = 0; v < V; ++v) _mm256_store_ps(out + 8 * v, acc[0][v]);
+
+NNC_SPARSE_KERNELS(__m256, 8, , 256, _mm256_load_ps, _mm256_store_ps, _mm256_setzero_ps, _mm256_set1_ps,
+                   _mm256_fmadd_ps, _mm256_add_ps)
+
+// GCC 12 warns about _mm512_undefined_ps() inside its own AVX-512 intrinsics (false positive).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+NNC_SPARSE_KERNELS(__m512, 16, __attribute__((target("avx512f"))), 512, _mm512_load_ps, _mm512_store_ps,
+                   _mm512_setzero_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps)
+#pragma GCC diagnostic pop
+#undef NNC_SPARSE_KERNELS
+
+// Whether the batch-lane kernels use zmm registers (AVX-512F CPUs; off with NNC_NO_AVX512, like the GEMM).
+inline bool& use_avx512() {
+    static bool enabled = gemm_use_avx512();
+    return enabled;
 }
 
-// R rows sharing one column list (a block row), VB vectors of xT at a time: each xT load feeds R FMAs.
-// vals[r][j - begin] is row r's weight of cols[j].
-template <int R, int VB>
-inline void group_kernel(const float* const* vals, const int32_t* __restrict cols, int begin, int end,
-                         const float* __restrict xT, int ld, int nvec, float* __restrict out, bool first) {
-    for (int v0 = 0; v0 < nvec; v0 += VB) {
-        __m256 acc[R][VB];
-        for (int r = 0; r < R; ++r)
-            for (int v = 0; v < VB; ++v)
-                acc[r][v] = first ? _mm256_setzero_ps() : _mm256_load_ps(out + (long)r * ld + 8 * (v0 + v));
-        for (int j = begin; j < end; ++j) {
-            __m256 xv[VB];
-            const float* xr = xT + (long)cols[j] * ld + 8 * v0;
-            for (int v = 0; v < VB; ++v) xv[v] = _mm256_load_ps(xr + 8 * v);
-            for (int r = 0; r < R; ++r) {
-                const __m256 wv = _mm256_broadcast_ss(vals[r] + (j - begin));
-                for (int v = 0; v < VB; ++v) acc[r][v] = _mm256_fmadd_ps(wv, xv[v], acc[r][v]);
-            }
-        }
-        for (int r = 0; r < R; ++r)
-            for (int v = 0; v < VB; ++v) _mm256_store_ps(out + (long)r * ld + 8 * (v0 + v), acc[r][v]);
-    }
-}
-
-// Groups [g0, g1) over K block kblk; vals are the packed values (Pattern::values order).
-template <int V>
-inline void rows_chunk(const Pattern& p, int kblk, int g0, int g1, const float* vals, const float* xT, int ld,
-                       float* yT) {
-    constexpr int U = V >= 4 ? 1 : (V == 2 ? 2 : 4);
-    const int32_t* rowptr = p.rowptr + (long)kblk * p.rows;
-    const bool first = kblk == 0;
-    for (int g = g0; g < g1; ++g) {
-        const int n0 = p.gstart ? p.gstart[g] : g;
-        const int n1 = p.gstart ? p.gstart[g + 1] : g + 1;
-        const int b = rowptr[n0], e = rowptr[n0 + 1];
-        int n = n0;
-        if (n1 - n0 > 1 && e > b) {
-            const float* rv[4];
-            for (; n + 4 <= n1; n += 4) {
-                for (int r = 0; r < 4; ++r) rv[r] = vals + rowptr[n + r];
-                if (V % 2 == 0) group_kernel<4, 2>(rv, p.cols, b, e, xT, ld, V, yT + (long)n * ld, first);
-                else group_kernel<4, 1>(rv, p.cols, b, e, xT, ld, V, yT + (long)n * ld, first);
-            }
-            if (n + 2 <= n1) {
-                for (int r = 0; r < 2; ++r) rv[r] = vals + rowptr[n + r];
-                if (V % 2 == 0) group_kernel<2, 2>(rv, p.cols, b, e, xT, ld, V, yT + (long)n * ld, first);
-                else group_kernel<2, 1>(rv, p.cols, b, e, xT, ld, V, yT + (long)n * ld, first);
-                n += 2;
-            }
-        }
-        for (; n < n1; ++n)
-            row_kernel<V, U>(vals + rowptr[n], p.cols + rowptr[n] - b, b, e, xT, ld, yT + (long)n * ld, first);
-    }
-}
+using ChunkFn = void (*)(const Pattern&, int, int, int, const float*, const float*, float*);
 
 // values[j] = W[n, cols[j]] for rows [n0, n1), walking W row by row.
 inline void pack_rows(const Pattern& p, const float* w, long ldw, int n0, int n1, float* values) {
@@ -233,9 +272,8 @@ inline int tile_end(const Pattern& p, int t0, int g1) {
 // tile's rows while its slice of xT stays near L1. With w (the first batch chunk, values not packed
 // yet), each tile packs its rows' values first. (Software-prefetching the next tile's W lines during
 // the current tile was measured slower here.)
-template <int V>
-inline void rows_range(const Pattern& p, int g0, int g1, const float* w, float* vals, const float* xT, int ld,
-                       float* yT) {
+inline void rows_range(const Pattern& p, ChunkFn chunk, int g0, int g1, const float* w, float* vals,
+                       const float* xT, float* yT) {
     const int nkb = p.n_kblocks();
     const int all_groups = p.gstart ? p.n_groups : p.rows;
     int t0 = g0;
@@ -245,25 +283,26 @@ inline void rows_range(const Pattern& p, int g0, int g1, const float* w, float* 
             const int r0 = group_row(p, t0), r1 = t1 < all_groups ? group_row(p, t1) : p.rows;
             pack_rows(p, w, p.k, r0, r1, vals);
         }
-        for (int kblk = 0; kblk < nkb; ++kblk) rows_chunk<V>(p, kblk, t0, t1, vals, xT, ld, yT);
+        for (int kblk = 0; kblk < nkb; ++kblk) chunk(p, kblk, t0, t1, vals, xT, yT);
         t0 = t1;
     }
 }
 
 inline int threads_for(long work) { return work > 200000 ? usable_threads() : 1; }
 
-template <int V>
-inline void run_chunk(const Pattern& p, const float* w, float* vals, const float* xT, int ld, float* yT) {
+inline void run_chunk(const Pattern& p, ChunkFn chunk, int lanes, const float* w, float* vals, const float* xT,
+                      float* yT) {
     const int groups = p.gstart ? p.n_groups : p.rows;
-    const int threads = std::min(threads_for((long)p.rowptr[(long)p.n_kblocks() * p.rows] * V), std::max(groups, 1));
+    const int threads =
+        std::min(threads_for((long)p.rowptr[(long)p.n_kblocks() * p.rows] * (lanes / 8)), std::max(groups, 1));
     if (threads <= 1) {
-        rows_range<V>(p, 0, groups, w, vals, xT, ld, yT);
+        rows_range(p, chunk, 0, groups, w, vals, xT, yT);
         return;
     }
 #pragma omp parallel for schedule(static, 1) num_threads(threads)
     for (int t = 0; t < threads; ++t) {
         const int g0 = (int)((long)groups * t / threads), g1 = (int)((long)groups * (t + 1) / threads);
-        rows_range<V>(p, g0, g1, w, vals, xT, ld, yT);
+        rows_range(p, chunk, g0, g1, w, vals, xT, yT);
     }
 }
 
@@ -324,25 +363,26 @@ __attribute__((noinline)) inline void linear(int M, const float* x, const float*
     // values: frozen ones from the pattern, else packed from W by the first chunk (tile by tile)
     float* packed = p.values ? nullptr : detail::scratch(2, (size_t)p.rowptr[(long)p.n_kblocks() * N] + 1);
     float* vals = p.values ? const_cast<float*>(p.values) : packed;
+    // batch chunks of 64 rows of x: 4 zmm vectors per row of xT (AVX-512) or 8 ymm vectors (AVX2)
+    const bool wide = detail::use_avx512();
     constexpr int CHUNK = 64;
     for (int m0 = 0; m0 < M; m0 += CHUNK) {
         const int mb = std::min(CHUNK, M - m0);
-        const int V = (mb + 7) / 8;
-        const int ld = 8 * V;
+        // zmm unless a chunk of at most 32 rows would need more padding lanes than with ymm
+        const bool zmm = wide && (mb > 32 || (mb + 15) / 16 * 16 == (mb + 7) / 8 * 8);
+        const int V = zmm ? (mb + 15) / 16 : (mb + 7) / 8;
+        const int ld = (zmm ? 16 : 8) * V;
         const float* wp = (packed && m0 == 0) ? w : nullptr;
         float* xT = detail::scratch(0, (size_t)K * ld);
         float* yT = detail::scratch(1, (size_t)N * ld);
         detail::transpose_in(x + (long)m0 * K, K, mb, K, xT, ld);
-        switch (V) {
-            case 1: detail::run_chunk<1>(p, wp, vals, xT, ld, yT); break;
-            case 2: detail::run_chunk<2>(p, wp, vals, xT, ld, yT); break;
-            case 3: detail::run_chunk<3>(p, wp, vals, xT, ld, yT); break;
-            case 4: detail::run_chunk<4>(p, wp, vals, xT, ld, yT); break;
-            case 5: detail::run_chunk<5>(p, wp, vals, xT, ld, yT); break;
-            case 6: detail::run_chunk<6>(p, wp, vals, xT, ld, yT); break;
-            case 7: detail::run_chunk<7>(p, wp, vals, xT, ld, yT); break;
-            default: detail::run_chunk<8>(p, wp, vals, xT, ld, yT); break;
-        }
+        static constexpr detail::ChunkFn k256[] = {detail::rows_chunk256<1>, detail::rows_chunk256<2>,
+                                                   detail::rows_chunk256<3>, detail::rows_chunk256<4>,
+                                                   detail::rows_chunk256<5>, detail::rows_chunk256<6>,
+                                                   detail::rows_chunk256<7>, detail::rows_chunk256<8>};
+        static constexpr detail::ChunkFn k512[] = {detail::rows_chunk512<1>, detail::rows_chunk512<2>,
+                                                   detail::rows_chunk512<3>, detail::rows_chunk512<4>};
+        detail::run_chunk(p, zmm ? k512[V - 1] : k256[V - 1], ld, wp, vals, xT, yT);
         detail::transpose_out(yT, ld, mb, N, y + (long)m0 * N, N, ep, m0);
     }
 }
