@@ -116,6 +116,11 @@ class CppEmitter:
         # parameters, refreshed when its valid flag is cleared (the runtime does so whenever weights change)
         self.packed_values = packed_values
         self.packed: list[dict] = []
+        self.definitions: list[str] = []   # file-scope C++ some rules need (e.g. unrolled sparse kernels)
+
+    def add_definitions(self, lines: list[str]) -> None:
+        """File-scope C++ (functions, templates) emitted before the forward function."""
+        self.definitions.extend(lines)
 
     # persistent packed values of sparse weights: [flag, 64 B][values of w1][values of w2]... after the params
     @property
@@ -200,6 +205,11 @@ class CppEmitter:
                                 "    const bool repack_ = *packed_valid_ != 1;"]
             node_lines = [(line + 2, text) for line, text in node_lines]
             lines.append("    if (status_ == 0) *packed_valid_ = 1;")
+        if self.definitions:
+            at = lines.index('extern "C" {')
+            added = "\n".join(self.definitions).split("\n")
+            lines[at:at] = added
+            node_lines = [(line + len(added), text) for line, text in node_lines]
         lines += ["    return status_;", "}", ""] + self.emit_signature() + [
             "", "void* nnc_binding_init(const char* name);",
             f"__attribute__((visibility(\"default\"))) void* PyInit_{self.module_name}() "

@@ -30,10 +30,12 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
+from nncompile.codegen import cpp_sparse_unrolled as unrolled
 from nncompile.errors import BuildError
 from nncompile.ir.types import Sparsity
 from nncompile.ops.base import set_rule
@@ -121,10 +123,17 @@ def estimate(m: int, n: int, k: int, nnz: int, packed: bool = False) -> dict:
 
 
 def choose(m: int, n: int, k: int, nnz: int, timing: bool | None = None, kernels=None, packed: bool = False) -> dict:
-    """Pick 'sparse' or 'dense' for one layer; the dict says why."""
+    """Pick 'sparse' or 'dense' for one layer; the dict says why. The sparse estimate is the better of
+    the table-driven loop and, where the layer's code fits the bound, the unrolled code (``form``)."""
     est = estimate(m, n, k, nnz, packed)
     density = nnz / (n * k) if n * k else 0.0
-    decision = {"m": m, "n": n, "k": k, "nnz": nnz, "density": round(density, 4),
+    form = "tables"
+    if packed and unrolled.fits(nnz, m):
+        unrolled_s = unrolled.estimate_s(m, n, k, nnz)
+        if unrolled_s < est["sparse_s"]:
+            form = "unrolled"
+            est = dict(est, sparse_s=unrolled_s, speedup=est["dense_s"] / unrolled_s)
+    decision = {"m": m, "n": n, "k": k, "nnz": nnz, "density": round(density, 4), "form": form,
                 "est_dense_us": round(est["dense_s"] * 1e6, 2), "est_sparse_us": round(est["sparse_s"] * 1e6, 2),
                 "est_speedup": round(est["speedup"], 2), "margin": MARGIN}
     if timing is None:
@@ -203,6 +212,8 @@ def sparse_linear_call(ctx, args: list[str], out_ptr: str, epi: str) -> list[str
     kernels = timing_kernels(w.sparsity, (n, k), m) if timing and m else None
     persistent = getattr(ctx.emitter, "packed_values", False) or os.environ.get("NNC_SPARSE_VALUES") == "baked"
     decision = choose(m, n, k, csr.nnz, timing=timing, kernels=kernels, packed=persistent)
+    if os.environ.get("NNC_SPARSE_KERNEL") == "unrolled":
+        decision.update(kernel="sparse", why="forced by NNC_SPARSE_KERNEL=unrolled")
     decision.update(weight=args[1], pattern=str(w.sparsity), row_groups=len(csr.gstart) - 1, k_block=csr.kb)
     _record(ctx, decision)
     comment = f"// sparse weight {args[1]}: {decision['kernel']} kernel ({decision['why']})"
@@ -231,11 +242,30 @@ def sparse_linear_call(ctx, args: list[str], out_ptr: str, epi: str) -> list[str
         decision["values"] = "packed from W on every call"
     if len(args) == 3:
         lines.append(f"    {epi}.col_bias = {ptrs[2]};")
-    lines.append(f"    nnc::sparse::linear({m}, {ptrs[0]}, {ptrs[1]}, {'pat_' if frozen is None and slot is None else 'patv_'}, "
-                 f"{out_ptr}, {epi});")
+    if _unroll(decision, csr, m) and hasattr(ctx.emitter, "add_definitions"):
+        if frozen is None and slot is None:
+            lines += [f"    float* const vals_ = nnc::sparse::detail::scratch(2, {csr.nnz + 1});",
+                      f"    nnc::sparse::detail::pack_rows(pat_, {ptrs[1]}, {k}, 0, {n}, vals_);"]
+        name = f"nnc_sp_{re.sub(r'[^A-Za-z0-9_]', '_', ctx.node.name)}_{len(ctx.emitter.definitions)}"
+        defs, n_tiles = unrolled.definitions(name, csr, n, unrolled.chunk_vectors(m))
+        ctx.emitter.add_definitions(defs)
+        lines += ["    " + line for line in unrolled.call(name, n_tiles, m, n, k, csr.nnz, ptrs[0], "vals_", out_ptr, epi)]
+    else:
+        lines.append(f"    nnc::sparse::linear({m}, {ptrs[0]}, {ptrs[1]}, {'pat_' if frozen is None and slot is None else 'patv_'}, "
+                     f"{out_ptr}, {epi});")
     _record(ctx, decision)
     lines.append("}")
     return lines
+
+
+def _unroll(decision: dict, csr: Csr, m: int) -> bool:
+    """Whether a layer the chooser gave the sparse kernel gets the unrolled code (cpp_sparse_unrolled)
+    rather than the table-driven loop: it must fit the code-size bound, and be forced or estimated faster."""
+    forced = os.environ.get("NNC_SPARSE_KERNEL", "auto")
+    use = decision["kernel"] == "sparse" and unrolled.fits(csr.nnz, m) and (
+        forced == "unrolled" or (forced == "auto" and decision.get("form") == "unrolled"))
+    decision["form"] = "unrolled" if use else "tables"
+    return use
 
 
 def emit_sparse_weight_grad(ctx, node) -> str:

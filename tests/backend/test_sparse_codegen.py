@@ -159,14 +159,16 @@ def mask_file(tmp_path_factory):
     return path, mask
 
 
-@pytest.fixture(scope="module", params=[5, 70])
+@pytest.fixture(scope="module", params=[(5, "sparse"), (70, "sparse"), (5, "unrolled"), (16, "unrolled"),
+                                        (70, "unrolled")], ids=lambda p: f"{p[1]}-b{p[0]}")
 def compiled(request, mask_file, tmp_path_factory):
-    """The model compiled with every sparse layer on the sparse kernel (batch 5: the M < 8 kernel;
-    70: one 64-row chunk and a 6-row tail)."""
-    batch = request.param
+    """The model compiled with every sparse layer on the table-driven sparse kernel or the unrolled code
+    (batch 5: the M < 8 kernel / one 8-lane vector with 4 accumulator sets; 16: two vectors; 70: one
+    64-row chunk and a 6-row tail)."""
+    batch, kernel = request.param
     out = tmp_path_factory.mktemp("build")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NNC_SPARSE_KERNEL", "sparse")
+        mp.setenv("NNC_SPARSE_KERNEL", kernel)
         graph = nnc.parse_text(MODEL.format(batch=batch, mask=mask_file[0]))
         model = nnc.compile(graph, out_dir=out)
     return graph, model, out, batch
@@ -182,11 +184,14 @@ def test_compiled_sparse_model_matches_interpreter(compiled):
     ref = run(graph, {"x": x}, weights)["y"]
     np.testing.assert_allclose(model(x), ref, rtol=1e-4, atol=1e-5)
     source = (out / "kernels.cpp").read_text()
-    assert source.count("nnc::sparse::linear(") == 4
-    assert "static const int32_t cols_" in source
     decisions = cpp_sparse.DECISIONS[model.manifest["module_name"]]
     assert {d["weight"] for d in decisions} == {"w1", "w2", "w3", "w4"}
     assert all(d["kernel"] == "sparse" and "forced" in d["why"] for d in decisions)
+    unrolled = "forced by NNC_SPARSE_KERNEL=unrolled" in decisions[0]["why"]
+    assert all(d["form"] == ("unrolled" if unrolled else "tables") for d in decisions)
+    assert source.count("nnc::sparse::linear(") == (0 if unrolled else 4)
+    assert source.count("_mm256_fmadd_ps(w, _mm256_load_ps(xT + ") >= (sum(d["nnz"] for d in decisions) if unrolled else 0)
+    assert "static const int32_t cols_" in source
     plan = json.loads((out / "plan.json").read_text())
     assert {d["weight"] for d in plan["sparse"]} == {"w1", "w2", "w3", "w4"}
 

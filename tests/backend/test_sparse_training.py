@@ -60,7 +60,7 @@ def torch_optimizer(text, params):
 
 @pytest.mark.parametrize("optimizer", ["sgd(lr=0.05, momentum=0.9, weight_decay=0.001)",
                                        "adamw(lr=0.003, weight_decay=0.01)"])
-@pytest.mark.parametrize("kernel", ["sparse", pytest.param("auto", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kernel", ["sparse", "unrolled", pytest.param("auto", marks=pytest.mark.slow)])
 def test_sparse_mlp_trains_like_torch_with_masked_grads(optimizer, kernel, monkeypatch):
     steps = 100
     monkeypatch.setenv("NNC_SPARSE_KERNEL", kernel)
