@@ -2,11 +2,13 @@
 
     python bench/sparse_kernel_probe.py [--old REV] [--points 1024x1024:0.9:64,4096x1024:0.9:64] [--rounds 15]
 
-For each point (W [N, K], sparsity, batch) it times, one thread, in CPU time of the calling thread
+A point is NxK:SPARSITY:BATCH[:PATTERN], PATTERN one of "random" (default: exactly that fraction of
+zeros, as bench/suite_sparse.py), "blockBHxBW" (block sparsity) or "nmN/M" (N of every M; SPARSITY is
+then ignored). For each point it times, one thread, in CPU time of the calling thread
 (``time.thread_time``), medians over interleaved rounds: the current kernel with pre-packed values
 (``Pattern::values`` set: "frozen"), the same kernel packing W per call ("packing"), the same two built
 from revision REV's ``native/`` headers (default HEAD; skipped with ``--old none``), nnc's dense GEMM and
-torch.sparse CSR (MKL). AVX2 and AVX-512 are both timed where the CPU has AVX-512 (``NNC_NO_AVX512``
+torch.sparse CSR (MKL); each timed block follows one untimed call of the same kernel (warm caches). AVX2 and AVX-512 are both timed where the CPU has AVX-512 (``NNC_NO_AVX512``
 switches the kernels' path; the dense GEMM keeps its best path). Each kernel's output is checked
 against float64 on the masked weights first.
 """
@@ -27,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from nncompile.codegen import cpp_sparse  # noqa: E402
+from nncompile.ir.types import Sparsity  # noqa: E402
 
 
 def build_harness(native_dir: Path, tag: str, avx512: bool) -> "ctypes.CDLL":
@@ -87,13 +90,23 @@ def main() -> None:
         torch.set_num_threads(1)
     p = cpp_sparse._p
     for point in args.points.split(","):
-        shape, sparsity, batch = point.split(":")
+        shape, sparsity, batch, *kind = point.split(":")
         n, k = map(int, shape.split("x"))
         s, m = float(sparsity), int(batch)
+        kind = kind[0] if kind else "random"
         rng = np.random.default_rng(int(s * 100) + n)
-        mask = np.zeros(n * k, bool)
-        mask[rng.permutation(n * k)[: int(round((1 - s) * n * k))]] = True
-        mask = mask.reshape(n, k)
+        if kind == "random":
+            mask = np.zeros(n * k, bool)
+            mask[rng.permutation(n * k)[: int(round((1 - s) * n * k))]] = True
+            mask = mask.reshape(n, k)
+        elif kind.startswith("block"):
+            bh, bw = map(int, kind[5:].split("x"))
+            mask = Sparsity("block", density=1 - s, block=(bh, bw), seed=1).mask((n, k))
+        elif kind.startswith("nm"):
+            nn, mm = map(int, kind[2:].split("/"))
+            mask = Sparsity("nm", n=nn, m=mm, seed=1).mask((n, k))
+        else:
+            raise SystemExit(f"unknown pattern {kind!r}")
         w = (rng.standard_normal((n, k)).astype(np.float32) * mask).astype(np.float32)
         x = rng.standard_normal((m, k)).astype(np.float32)
         y = np.empty((m, n), np.float32)
@@ -130,12 +143,14 @@ def main() -> None:
             fn()
         for _ in range(args.rounds):
             for label, fn in fns.items():
+                fn()   # untimed: each kernel's first call after another kernel runs on its caches, not theirs
                 t0 = time.thread_time()
                 for _ in range(inner):
                     fn()
                 samples[label].append((time.thread_time() - t0) / inner)
         med = {label: float(np.median(v)) for label, v in samples.items()}
-        print(f"{n}x{k} sparsity {s:.2f} batch {m} (nnz {csr.nnz}, kb {csr.kb}):")
+        print(f"{n}x{k} {kind} sparsity {1 - csr.nnz / (n * k):.2f} batch {m} (nnz {csr.nnz}, kb {csr.kb}, "
+              f"row groups {len(csr.gstart) - 1}):")
         for label, t in med.items():
             extra = ""
             if label.startswith(("old", "new")):

@@ -306,8 +306,10 @@ inline void run_chunk(const Pattern& p, ChunkFn chunk, int lanes, const float* w
     }
 }
 
-// Few rows of x (M < 8): no batch vectorization, no packing; each nonzero is one scalar FMA per row of x
-// with four accumulators, reading W where it lies (or the frozen values).
+// Few rows of x (M < 8) with W's values not packed, or one row: no batch vectorization, no packing; each
+// nonzero is one scalar FMA per row of x with four accumulators, reading W where it lies (or the frozen
+// values). (With frozen values and 2..7 rows, the 8-lane batch kernel is faster: one broadcast and one
+// FMA per nonzero for all the rows, against one gathered load and FMA per nonzero per row here.)
 inline void small_batch(int M, const float* x, const float* w, const Pattern& p, float* y, const Epilogue& ep) {
     const int N = p.rows, K = p.k, nkb = p.n_kblocks();
     const int threads = threads_for((long)p.rowptr[(long)nkb * N] * M);
@@ -356,7 +358,7 @@ inline void small_batch(int M, const float* x, const float* w, const Pattern& p,
 __attribute__((noinline)) inline void linear(int M, const float* x, const float* w, const Pattern& p, float* y, const Epilogue& ep) {
     const int N = p.rows, K = p.k;
     if (M <= 0 || N <= 0) return;
-    if (M < 8) {
+    if (M == 1 || (M < 8 && p.values == nullptr)) {
         detail::small_batch(M, x, w, p, y, ep);
         return;
     }

@@ -40,15 +40,24 @@ from nncompile.errors import BuildError
 from nncompile.ir.types import Sparsity
 from nncompile.ops.base import set_rule
 
-# cost model constants (one core; calibrated with bench/suite_sparse.py on the development machine, an
-# AVX2 AMD EPYC: only their ratios matter)
-DENSE_FLOPS = 80e9         # sustained dense SGEMM FLOP/s (M >= 8)
-GEMV_BYTES_PER_S = 60e9    # dense with M < 8 is bound by reading W
-SPARSE_FLOPS = 43e9        # useful FLOP/s of the batch-vectorized sparse kernel (2 * nnz * lanes / time)
-TOUCHED_BYTES_PER_S = 30e9  # reading W's cache lines that hold nonzeros (packing the values)
-SMALL_NNZ_S = 0.3e-9       # seconds per nonzero per row of x in the M < 8 scalar kernel
+# cost model constants (one core; fitted to medians measured with bench/sparse_kernel_probe.py-style
+# timings on the development machine, an AMD EPYC (Zen 4, AVX-512) where the sparse kernel runs on zmm
+# registers; 1024x1024 and 4096x1024, sparsity 50..99%, batch 1..256: the estimates are within about
+# 25% of the measurements. Only their ratios matter)
+DENSE_FLOPS = 100e9        # dense SGEMM FLOP/s (M >= 8) ...
+DENSE_W_BYTES_PER_S = 13.5e9  # ... plus its per-call cost of packing W, 4 * n * k bytes at this rate
+GEMV_BYTES_PER_S = 60e9    # dense with M < 8: each row of x reads W once at this rate
+SPARSE_FLOPS = 85e9        # batch-lane kernel: FLOP/s over the padded lanes (2 * nnz * lanes / time) ...
+SPARSE_NNZ_S = 0.06e-9     # ... plus seconds per nonzero per 64-row batch chunk (index, broadcast) ...
+SPARSE_ROW_S = 12.5e-9     # ... plus seconds per row and K block per chunk (accumulators, loop entry)
+PACK_NNZ_S = 0.3e-9        # values not packed yet: packing costs this per nonzero ...
+TOUCHED_BYTES_PER_S = 20e9  # ... plus reading W's cache lines that hold nonzeros at this rate
+SMALL_NNZ_S = 0.6e-9       # seconds per nonzero per row of x in the scalar kernel (M = 1, or M < 8 unpacked) ...
+SMALL_ROW_S = 5e-9         # ... plus seconds per row of W per row of x
 TRANSPOSE_S = 0.3e-9       # seconds per element transposed (x in, y out)
-MARGIN = 1.5               # keep dense unless sparse is estimated this much faster
+MARGIN = 2.0               # keep dense unless sparse is estimated this much faster (the dense GEMM is the
+                           # safer choice where the estimates are close: at 50% sparsity, batch 64, with
+                           # packed values the sparse kernel measures ~1.6x, the estimate ~1.6x)
 DECISIONS: dict[str, list[dict]] = {}
 
 
@@ -108,17 +117,24 @@ def estimate(m: int, n: int, k: int, nnz: int, packed: bool = False) -> dict:
     """Estimated seconds of the dense and the sparse kernel for y[m, n] = x[m, k] W^T. ``packed``: the
     values are already packed (persistent buffer): the kernel streams values and column indices instead
     of gathering W's scattered cache lines."""
-    dense = max(2.0 * m * n * k / DENSE_FLOPS, 4.0 * n * k / GEMV_BYTES_PER_S)
+    if m < 8:
+        dense = m * 4.0 * n * k / GEMV_BYTES_PER_S
+    else:
+        dense = 2.0 * m * n * k / DENSE_FLOPS + 4.0 * n * k / DENSE_W_BYTES_PER_S
     density = nnz / (n * k) if n * k else 0.0
     if packed:
-        touched = 8.0 * nnz / GEMV_BYTES_PER_S
+        values = 8.0 * nnz / GEMV_BYTES_PER_S
     else:
-        touched = 4.0 * n * k * (1.0 - (1.0 - density) ** 16) / TOUCHED_BYTES_PER_S   # 16 floats per cache line
-    if m < 8:
-        sparse = touched + SMALL_NNZ_S * nnz * m
+        touched = 4.0 * n * k * (1.0 - (1.0 - density) ** 16)   # 16 floats per cache line
+        values = PACK_NNZ_S * nnz + touched / TOUCHED_BYTES_PER_S
+    if m == 1 or (m < 8 and not packed):
+        sparse = values + (SMALL_NNZ_S * nnz + SMALL_ROW_S * n) * m
     else:
-        lanes = sum(min(64, m - m0) + (-min(64, m - m0)) % 8 for m0 in range(0, m, 64))
-        sparse = touched + 2.0 * nnz * lanes / SPARSE_FLOPS + TRANSPOSE_S * m * (k + n)
+        chunks = [min(64, m - m0) for m0 in range(0, m, 64)]
+        lanes = sum(mb + (-mb) % 8 for mb in chunks)
+        n_kblocks = -(-k // block_cols(density, k)) if k else 1
+        sparse = (values + 2.0 * nnz * lanes / SPARSE_FLOPS + len(chunks) * (SPARSE_NNZ_S * nnz + SPARSE_ROW_S * n * n_kblocks)
+                  + TRANSPOSE_S * m * (k + n))
     return {"dense_s": dense, "sparse_s": sparse, "speedup": dense / sparse if sparse else math.inf}
 
 

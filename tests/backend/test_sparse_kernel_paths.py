@@ -3,7 +3,8 @@
 The kernel picks zmm (AVX-512) or ymm (AVX2) at run time; CI machines may lack AVX-512, so the ymm path
 is forced here too (``nnc::sparse::detail::use_avx512()``), on every machine, and the zmm path where the
 CPU has AVX-512F. Patterns include empty rows, fully dense rows, row groups (block rows) and K blocks;
-batch sizes cover the tails of 8, 16 and the 64-row chunks, with values packed beforehand and not.
+batch sizes cover the tails of 8, 16 and the 64-row chunks and the small batches (M < 8: the scalar kernel,
+or with packed values and M >= 2 the 8-lane kernel), with values packed beforehand and not.
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def cases(draw):
     start, length = draw(st.integers(0, n - 1)), draw(st.integers(1, 9))
     mask[start:start + length] = mask[start]          # a group of identical rows (block row)
     kb = draw(st.sampled_from([None, 8, 24, 64]))
-    m = draw(st.one_of(st.sampled_from([8, 15, 16, 17, 31, 32, 33, 48, 63, 64, 65, 80, 129]), st.integers(8, 140)))
+    m = draw(st.one_of(st.sampled_from([1, 2, 7, 8, 15, 16, 17, 31, 32, 33, 48, 63, 64, 65, 80, 129]),
+                       st.integers(1, 140)))
     return mask, kb, m, rng
 
 
