@@ -82,11 +82,16 @@ class Csr:
 
 def block_cols(density: float, k: int) -> int:
     """Columns per K block: ~24 nonzeros of a row per block (the accumulators' reload is amortized), at
-    least 128 columns (xT's slice of a 64-row chunk, 32 KB, stays near L1)."""
+    least 128 columns (xT's slice of a 64-row chunk, 32 KB, stays near L1); K is split into blocks of
+    equal width (a short last block would cost a row pass for few nonzeros)."""
     if density <= 0 or k <= 256:
         return k
-    kb = max(128, int(math.ceil(24.0 / density / 8.0)) * 8)
-    return k if kb * 2 > k else kb
+    target = max(128, int(math.ceil(24.0 / density / 8.0)) * 8)
+    if target * 2 > k:
+        return k
+    blocks = max(1, round(k / target))
+    width = -(-k // blocks)
+    return -(-width // 8) * 8
 
 
 def pattern_from_mask(mask: np.ndarray, kb: int | None = None) -> Csr:
