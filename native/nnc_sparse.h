@@ -268,41 +268,53 @@ inline int tile_end(const Pattern& p, int t0, int g1) {
     return t1;
 }
 
+// Where a batch chunk's result goes: rows [row0, row0 + mb) of y (leading dimension ldy), with the epilogue.
+struct ChunkOut {
+    int mb;
+    float* y;
+    long ldy;
+    const Epilogue* ep;
+    long row0;
+};
+
 // Rows are tiled (about 128 rows of yT stay in L2) and, inside a tile, every K block runs over all the
-// tile's rows while its slice of xT stays near L1. With w (the first batch chunk, values not packed
-// yet), each tile packs its rows' values first. (Software-prefetching the next tile's W lines during
-// the current tile was measured slower here.)
+// tile's rows while its slice of xT stays near L1; then the tile's rows of yT, still in cache, are
+// transposed into y's columns. With w (the first batch chunk, values not packed yet), each tile packs
+// its rows' values first. (Software-prefetching the next tile's W lines during the current tile was
+// measured slower here.)
 inline void rows_range(const Pattern& p, ChunkFn chunk, int g0, int g1, const float* w, float* vals,
-                       const float* xT, float* yT) {
+                       const float* xT, float* yT, int ld, const ChunkOut& out) {
     const int nkb = p.n_kblocks();
     const int all_groups = p.gstart ? p.n_groups : p.rows;
     int t0 = g0;
     while (t0 < g1) {
         const int t1 = tile_end(p, t0, g1);
-        if (w != nullptr) {
-            const int r0 = group_row(p, t0), r1 = t1 < all_groups ? group_row(p, t1) : p.rows;
-            pack_rows(p, w, p.k, r0, r1, vals);
-        }
+        const int r0 = group_row(p, t0), r1 = t1 < all_groups ? group_row(p, t1) : p.rows;
+        if (w != nullptr) pack_rows(p, w, p.k, r0, r1, vals);
         for (int kblk = 0; kblk < nkb; ++kblk) chunk(p, kblk, t0, t1, vals, xT, yT);
+        Epilogue ep = *out.ep;
+        if (ep.col_bias) ep.col_bias += r0;
+        if (ep.residual) ep.residual += r0;
+        transpose_out(yT + (long)r0 * ld, ld, out.mb, r1 - r0, out.y + r0, out.ldy, ep, out.row0);
         t0 = t1;
     }
 }
 
 inline int threads_for(long work) { return work > 200000 ? usable_threads() : 1; }
 
-inline void run_chunk(const Pattern& p, ChunkFn chunk, int lanes, const float* w, float* vals, const float* xT,
-                      float* yT) {
+inline void run_chunk(const Pattern& p, ChunkFn chunk, int ld, const float* w, float* vals, const float* xT,
+                      float* yT, const ChunkOut& out) {
     const int groups = p.gstart ? p.n_groups : p.rows;
     const int threads =
-        std::min(threads_for((long)p.rowptr[(long)p.n_kblocks() * p.rows] * (lanes / 8)), std::max(groups, 1));
+        std::min(threads_for((long)p.rowptr[(long)p.n_kblocks() * p.rows] * (ld / 8)), std::max(groups, 1));
     if (threads <= 1) {
-        rows_range(p, chunk, 0, groups, w, vals, xT, yT);
+        rows_range(p, chunk, 0, groups, w, vals, xT, yT, ld, out);
         return;
     }
 #pragma omp parallel for schedule(static, 1) num_threads(threads)
     for (int t = 0; t < threads; ++t) {
         const int g0 = (int)((long)groups * t / threads), g1 = (int)((long)groups * (t + 1) / threads);
-        rows_range(p, chunk, g0, g1, w, vals, xT, yT);
+        rows_range(p, chunk, g0, g1, w, vals, xT, yT, ld, out);
     }
 }
 
@@ -384,8 +396,8 @@ __attribute__((noinline)) inline void linear(int M, const float* x, const float*
                                                    detail::rows_chunk256<7>, detail::rows_chunk256<8>};
         static constexpr detail::ChunkFn k512[] = {detail::rows_chunk512<1>, detail::rows_chunk512<2>,
                                                    detail::rows_chunk512<3>, detail::rows_chunk512<4>};
-        detail::run_chunk(p, zmm ? k512[V - 1] : k256[V - 1], ld, wp, vals, xT, yT);
-        detail::transpose_out(yT, ld, mb, N, y + (long)m0 * N, N, ep, m0);
+        detail::run_chunk(p, zmm ? k512[V - 1] : k256[V - 1], ld, wp, vals, xT, yT,
+                          detail::ChunkOut{mb, y + (long)m0 * N, N, &ep, m0});
     }
 }
 
