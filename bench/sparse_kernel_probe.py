@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--points", default="1024x1024:0.9:64,4096x1024:0.9:64")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--cold", action="store_true",
+                        help="no untimed call before each timed block (as bench/suite_sparse.py times)")
     args = parser.parse_args()
 
     import ctypes
@@ -143,7 +145,8 @@ def main() -> None:
             fn()
         for _ in range(args.rounds):
             for label, fn in fns.items():
-                fn()   # untimed: each kernel's first call after another kernel runs on its caches, not theirs
+                if not args.cold:
+                    fn()   # untimed: each kernel's first call after another kernel runs on its caches, not theirs
                 t0 = time.thread_time()
                 for _ in range(inner):
                     fn()
