@@ -36,6 +36,9 @@ struct GemmBlocking {
     int mc = 144;
     int kc = 512;
     int nc = 4080;
+    // Up to this many rows of C (B not transposed, AVX-512 kernel) the packed path reads B in place
+    // instead of packing it (gemm::packed_direct_b); 0 turns that off.
+    int direct_b_rows = 256;
 };
 
 inline GemmBlocking& gemm_blocking() {
@@ -125,9 +128,59 @@ inline void packed_with(Kernel kernel, bool transA, bool transB, int M, int N, i
     }
 }
 
+// The packed loop nest without packing B (B not transposed, AVX-512 kernel): with few rows of C each
+// packed element of B would feed only M / 12 micro-tiles, so packing it (a read and a write of all of
+// B, most of it past L2) costs more than the micro-kernel reading the 32 columns of each row in place
+// (from L2 for all but the first row sliver). Only the right edge sliver (fewer than 32 columns) is
+// packed, so no load runs past the end of B. Not for row strides that are multiples of 1 KiB: rows
+// that far apart share few L2 sets, a kc x 32 strip of B no longer stays in L2 and the in-place reads
+// lose to packing (measured at ldb = 1024: 96 vs 102 GFLOP/s; at ldb = 784 / 1000: 104-106 vs 94-99).
+inline void packed_direct_b(bool transA, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
+                            float* C, int ldc, float beta, const Epilogue& ep) {
+    const GemmBlocking& blk = gemm_blocking();
+    const int MC = balanced_block(M, std::max(MR512, blk.mc / MR512 * MR512), MR512);
+    const int KC = balanced_block(K, std::max(8, blk.kc), 8);
+    const int mc_max = std::min(MC, (M + MR512 - 1) / MR512 * MR512);
+    const int kc_max = std::min(KC, K);
+    float* Ap = thread_scratch(SCRATCH_PACK_A, static_cast<size_t>(mc_max) * kc_max + 64);
+    float* Bedge = thread_scratch(SCRATCH_PACK_B, static_cast<size_t>(NR512) * kc_max + 64);
+    const int whole = N / NR512 * NR512;
+    for (int pc = 0; pc < K; pc += KC) {
+        const int kc = std::min(KC, K - pc);
+        if (whole < N) pack_b<NR512>(false, kc, N - whole, B + static_cast<long>(pc) * ldb + whole, ldb, Bedge);
+        StoreMode mode;
+        mode.alpha = ep.alpha;
+        mode.beta = pc == 0 ? beta : 1.0f;
+        mode.load_c = pc > 0 || beta != 0.0f;
+        mode.finalize = pc + kc >= K;
+        for (int ic = 0; ic < M; ic += MC) {
+            const int mc = std::min(MC, M - ic);
+            const float* Asrc = transA ? A + static_cast<long>(pc) * lda + ic : A + static_cast<long>(ic) * lda + pc;
+            pack_a<MR512>(transA, mc, kc, Asrc, lda, Ap);
+            for (int jr = 0; jr < N; jr += NR512) {
+                const int nv = std::min(NR512, N - jr);
+                for (int ir = 0; ir < mc; ir += MR512) {
+                    const int mv = std::min(MR512, mc - ir);
+                    const int i = ic + ir;
+                    float* c = C + static_cast<long>(i) * ldc + jr;
+                    const float* a = Ap + static_cast<long>(ir) * kc;
+                    if (jr < whole) {
+                        kernel_12x32_avx512_direct_b(kc, a, B + static_cast<long>(pc) * ldb + jr, ldb, c, ldc, mv, nv,
+                                                     mode, ep, i, jr);
+                    } else {
+                        kernel_12x32_avx512(kc, a, Bedge, c, ldc, mv, nv, mode, ep, i, jr);
+                    }
+                }
+            }
+        }
+    }
+}
+
 inline void packed(bool transA, bool transB, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
                    float* C, int ldc, float beta, const Epilogue& ep) {
-    if (gemm_use_avx512()) {
+    if (gemm_use_avx512() && !transB && M <= gemm_blocking().direct_b_rows && N >= NR512 && ldb % 256 != 0) {
+        packed_direct_b(transA, M, N, K, A, lda, B, ldb, C, ldc, beta, ep);
+    } else if (gemm_use_avx512()) {
         packed_with<MR512, NR512>(kernel_12x32_avx512, transA, transB, M, N, K, A, lda, B, ldb, C, ldc, beta, ep);
     } else {
         packed_with<MR, NR>(kernel_avx2, transA, transB, M, N, K, A, lda, B, ldb, C, ldc, beta, ep);

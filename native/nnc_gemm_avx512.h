@@ -32,11 +32,14 @@ constexpr int NR512 = 32;
 
 // Packed 12x32 kernel: acc = Ap (12 x kc, Ap[k * 12 + i]) * Bp (kc x 32, Bp[k * 32 + j]), then
 // the fused store of the valid m_valid x n_valid part.
-// ROWS = 12, or 6 for an edge sliver with at most 6 valid rows (same packed layout, half the FMAs).
-template <int ROWS>
+// ROWS = 12, or 6 / 8 for an edge sliver with at most that many valid rows (same packed layout,
+// fewer FMAs).
+// kDirectB: Bp is op(B) itself, not transposed, rows b_step floats apart (the unpacked path of
+// packed_direct_b below); its 32 columns are read in place, the rows 8 ahead prefetched.
+template <int ROWS, bool kDirectB = false>
 __attribute__((target("avx512f"), noinline)) inline void kernel_avx512(
     int kc, const float* __restrict Ap, const float* __restrict Bp, float* C, int ldc, int m_valid, int n_valid,
-    const StoreMode& mode, const Epilogue& ep, int i0, int j0) {
+    const StoreMode& mode, const Epilogue& ep, int i0, int j0, long b_step = NR512) {
     __m512 c0a = _mm512_setzero_ps(), c0b = _mm512_setzero_ps();
     __m512 c1a = _mm512_setzero_ps(), c1b = _mm512_setzero_ps();
     __m512 c2a = _mm512_setzero_ps(), c2b = _mm512_setzero_ps();
@@ -55,8 +58,12 @@ __attribute__((target("avx512f"), noinline)) inline void kernel_avx512(
     }
 #pragma GCC unroll 4
     for (int k = 0; k < kc; ++k) {
-        const __m512 b0 = _mm512_load_ps(Bp);
-        const __m512 b1 = _mm512_load_ps(Bp + 16);
+        if (kDirectB) {
+            _mm_prefetch(reinterpret_cast<const char*>(Bp + 8 * b_step), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(Bp + 8 * b_step + 16), _MM_HINT_T0);
+        }
+        const __m512 b0 = kDirectB ? _mm512_loadu_ps(Bp) : _mm512_load_ps(Bp);
+        const __m512 b1 = kDirectB ? _mm512_loadu_ps(Bp + 16) : _mm512_load_ps(Bp + 16);
         __m512 a;
 #define NNC_ROW(idx, ca, cb)                  \
     a = _mm512_set1_ps(Ap[idx]);              \
@@ -68,9 +75,11 @@ __attribute__((target("avx512f"), noinline)) inline void kernel_avx512(
         NNC_ROW(3, c3a, c3b)
         NNC_ROW(4, c4a, c4b)
         NNC_ROW(5, c5a, c5b)
-        if (ROWS == 12) {
+        if (ROWS >= 8) {
             NNC_ROW(6, c6a, c6b)
             NNC_ROW(7, c7a, c7b)
+        }
+        if (ROWS == 12) {
             NNC_ROW(8, c8a, c8b)
             NNC_ROW(9, c9a, c9b)
             NNC_ROW(10, cAa, cAb)
@@ -78,7 +87,7 @@ __attribute__((target("avx512f"), noinline)) inline void kernel_avx512(
         }
 #undef NNC_ROW
         Ap += MR512;
-        Bp += NR512;
+        Bp += kDirectB ? b_step : NR512;
     }
     const __m512 acc[MR512][2] = {{c0a, c0b}, {c1a, c1b}, {c2a, c2b}, {c3a, c3b}, {c4a, c4b}, {c5a, c5b},
                                   {c6a, c6b}, {c7a, c7b}, {c8a, c8b}, {c9a, c9b}, {cAa, cAb}, {cBa, cBb}};
@@ -140,13 +149,29 @@ __attribute__((target("avx512f"), noinline)) inline void kernel_avx512(
     }
 }
 
+// kernel_12x32_avx512 reading B (not transposed, b_step floats per row) in place.
+inline void kernel_12x32_avx512_direct_b(int kc, const float* Ap, const float* B, long b_step, float* C, int ldc,
+                                         int m_valid, int n_valid, const StoreMode& mode, const Epilogue& ep, int i0,
+                                         int j0) {
+    if (m_valid <= 6) {
+        kernel_avx512<6, true>(kc, Ap, B, C, ldc, m_valid, n_valid, mode, ep, i0, j0, b_step);
+    } else if (m_valid <= 8) {
+        kernel_avx512<8, true>(kc, Ap, B, C, ldc, m_valid, n_valid, mode, ep, i0, j0, b_step);
+    } else {
+        kernel_avx512<12, true>(kc, Ap, B, C, ldc, m_valid, n_valid, mode, ep, i0, j0, b_step);
+    }
+}
+
 #pragma GCC diagnostic pop
 
-// The packed-path kernel: the 6-row variant for edge slivers with few valid rows.
+// The packed-path kernel: the 6- and 8-row variants for edge slivers with few valid rows (M = 128
+// ends in an 8-row sliver: a third of its FMAs saved).
 inline void kernel_12x32_avx512(int kc, const float* Ap, const float* Bp, float* C, int ldc, int m_valid,
                                 int n_valid, const StoreMode& mode, const Epilogue& ep, int i0, int j0) {
     if (m_valid <= 6) {
         kernel_avx512<6>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0);
+    } else if (m_valid <= 8) {
+        kernel_avx512<8>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0);
     } else {
         kernel_avx512<12>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0);
     }

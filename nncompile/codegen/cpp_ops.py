@@ -8,6 +8,7 @@ tail runs the same polynomials (``native/nnc_math.h``). Rules are attached to th
 from __future__ import annotations
 
 import math
+import weakref
 
 from nncompile.codegen.cpp import CTYPES, CppContext, ctype
 from nncompile.codegen.cpp_loops import Operand, broadcast_strides, contiguous_strides, elementwise_loop, strided_copy
@@ -255,6 +256,54 @@ def epilogue_decl(fields: dict[str, str], name: str = "epi_") -> list[str]:
     return lines
 
 
+_FOLDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def transposes_read_in_place(emitter) -> dict[str, str]:
+    """2-D transposes whose every reader is a 2-D ``matmul`` that can read the transpose's source in place
+    (``nnc::sgemm`` with the operand's transposed flag): transpose name -> source name. Those transposes
+    emit no copy. A fold needs the source's storage untouched from the transpose up to each reader (the
+    memory plan made no other value live in it over those steps), since the reader now reads the source
+    later than the transpose did."""
+    found = _FOLDS.get(emitter)
+    if found is not None:
+        return found
+    graph, plan = emitter.graph, emitter.plan
+    index = {node.name: i for i, node in enumerate(graph.nodes)}
+    users = graph.users()
+    outputs = set(graph.outputs)
+    buffer_of = {v: b for b in plan.buffers if b.get("kind") == "value" for v in b["values"]}
+    consistent = all(plan.lifetimes.get(n, (i,))[0] == i for n, i in index.items() if n in plan.lifetimes)
+    found = {}
+
+    def untouched(source: str, t_step: int, reader_step: int) -> bool:
+        kind = plan.storage[source][0]
+        if kind == "input":
+            return True
+        between = graph.nodes[t_step + 1:reader_step]
+        if kind in ("param", "output"):
+            # caller-owned memory: nothing in between may write a graph output (an in-graph update of a
+            # parameter, e.g. running statistics, is written as an output)
+            return not any(n.name in outputs or plan.storage[n.name][0] == "output" for n in between)
+        buffer = buffer_of.get(source)
+        if kind != "arena" or buffer is None or buffer["end"] <= reader_step:
+            return False
+        return not any(t_step < index.get(v, -1) <= reader_step for v in buffer["values"] if v != source)
+
+    for node in graph.nodes if consistent else ():
+        if node.op != "transpose" or node.type.rank != 2 or node.name in outputs:
+            continue
+        source = node.inputs[0]
+        readers = [graph.node(u) for u in users.get(node.name, [])]
+        if not readers or not all(r.op == "matmul" and len(r.inputs) == 2 and
+                                  all(graph.type_of(a).rank == 2 for a in r.inputs) and
+                                  untouched(source, index[node.name], index[r.name]) for r in readers):
+            continue
+        found[node.name] = source
+    _FOLDS[emitter] = found
+    return found
+
+
 def gemm_call(ctx: CppContext, op: str, args: list[str], attrs: dict, out_ptr: str, epi: str) -> list[str]:
     """C++ statements computing ``op`` (linear / matmul) into out_ptr with epilogue ``epi``."""
     types = [ctx.type(a) for a in args]
@@ -278,6 +327,15 @@ def gemm_call(ctx: CppContext, op: str, args: list[str], attrs: dict, out_ptr: s
         lines.append(f"nnc::sgemm(false, true, {m}, {n}, {k}, {ptrs[0]}, {k}, {ptrs[1]}, {k}, {out_ptr}, {n}, 0.0f, {epi});")
         return lines
     a, b = types
+    folds = transposes_read_in_place(ctx.emitter) if op == "matmul" and a.rank == b.rank == 2 else {}
+    if args[0] in folds or args[1] in folds:
+        # a 2-D transpose feeding this matmul is read in place: C = op(A) @ op(B) with the flags set
+        (m, k), n = a.shape, b.shape[1]
+        ta, tb = args[0] in folds, args[1] in folds
+        pa = ctx.ptr(folds[args[0]]) if ta else ptrs[0]
+        pb = ctx.ptr(folds[args[1]]) if tb else ptrs[1]
+        return [f"nnc::sgemm({'true' if ta else 'false'}, {'true' if tb else 'false'}, {m}, {n}, {k}, {pa}, "
+                f"{m if ta else k}, {pb}, {k if tb else n}, {out_ptr}, {n}, 0.0f, {epi});"]
     a_shape = (1,) + a.shape if a.rank == 1 else a.shape
     b_shape = b.shape + (1,) if b.rank == 1 else b.shape
     m, k, n = a_shape[-2], a_shape[-1], b_shape[-1]
@@ -350,6 +408,8 @@ def emit_view(ctx: CppContext, node: Node) -> str:
 
 
 def emit_permute(ctx: CppContext, node: Node) -> str:
+    if node.name in transposes_read_in_place(ctx.emitter):
+        return "// no copy: every reader is a matmul reading the source with its transposed flag"
     src = ctx.type(node.inputs[0])
     if node.op == "transpose":
         dims = list(range(src.rank))

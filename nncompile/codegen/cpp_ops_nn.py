@@ -250,6 +250,8 @@ def emit_reduce(ctx: CppContext, node: Node) -> str:
     acc_t = "float" if op == "max" else "double"
     combine = "acc_ = v_ > acc_ || v_ != v_ ? v_ : acc_;" if op == "max" else "acc_ += v_;"
     finish = f"(float)(acc_ / {red_count})" if op == "mean" else "(float)acc_"
+    if op != "max" and out_count > 1 and list(axes) == list(range(len(axes))):
+        return _reduce_leading(ctx, node, red_count, out_count)
     lines = [_omp(x.numel) if out_count > 1 else "", f"for (int64_t o_ = 0; o_ < {out_count}; ++o_) {{",
              "  int64_t rem_ = o_, base_ = 0;"]
     for d in reversed(kept):
@@ -266,6 +268,26 @@ def emit_reduce(ctx: CppContext, node: Node) -> str:
         lines += [f"    const float v_ = {ctx.ptr(node.inputs[0])}[off_]; {combine}", "  }"]
     lines += [f"  {ctx.out}[o_] = {finish};", "}"]
     return "\n".join(line for line in lines if line)
+
+
+def _reduce_leading(ctx: CppContext, node: Node, rows: int, cols: int) -> str:
+    """sum / mean over the leading axes (e.g. a bias gradient, [rows, cols] -> [cols]): rows streamed in
+    order into a strip of double accumulators, so the inner loop runs along contiguous columns
+    (vectorized); each output adds its rows in the same order as the generic loop."""
+    strip = 256
+    scale = f" / {rows}" if node.op == "mean" else ""
+    return "\n".join(line for line in [
+        _omp(rows * cols) if cols > strip else "",
+        f"for (int64_t c0_ = 0; c0_ < {cols}; c0_ += {strip}) {{",
+        f"  const int64_t w_ = {cols} - c0_ < {strip} ? {cols} - c0_ : {strip};",
+        f"  double acc_[{strip}];",
+        "  for (int64_t j_ = 0; j_ < w_; ++j_) acc_[j_] = 0.0;",
+        f"  for (int64_t r_ = 0; r_ < {rows}; ++r_) {{",
+        f"    const float* p_ = {ctx.ptr(node.inputs[0])} + r_ * {cols} + c0_;",
+        "    for (int64_t j_ = 0; j_ < w_; ++j_) acc_[j_] += (double)p_[j_];",
+        "  }",
+        f"  for (int64_t j_ = 0; j_ < w_; ++j_) {ctx.out}[c0_ + j_] = (float)(acc_[j_]{scale});",
+        "}"] if line)
 
 
 def emit_cross_entropy(ctx: CppContext, node: Node) -> str:

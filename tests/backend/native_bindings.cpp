@@ -329,6 +329,8 @@ PYBIND11_MODULE(nnc_native_test, m) {
         nnc::gemm_blocking().kc = kc;
         nnc::gemm_blocking().nc = nc;
     });
+    m.def("set_direct_b_rows", [](int rows) { nnc::gemm_blocking().direct_b_rows = rows; });
+    m.def("get_direct_b_rows", [] { return nnc::gemm_blocking().direct_b_rows; });
     m.def("get_blocking", [] {
         return py::make_tuple(nnc::gemm_blocking().mc, nnc::gemm_blocking().kc, nnc::gemm_blocking().nc);
     });
