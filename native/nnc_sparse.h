@@ -194,11 +194,12 @@ __attribute__((noinline)) inline void transpose_out(const float* yT, int ld, int
         }                                                                                                      \
     }                                                                                                          \
                                                                                                                \
-    /* Groups [g0, g1) over K block kblk; vals are the packed values (Pattern::values order); yT's rows    */ \
-    /* are W * V floats.                                                                                   */ \
+    /* Groups [g0, g1) over K block kblk; vals are the packed values (Pattern::values order); yT holds    */ \
+    /* rows row0, row0 + 1, ... of the result, W * V floats each.                                          */ \
     template <int V>                                                                                           \
     TARGET __attribute__((noinline)) void rows_chunk##SUFFIX(const Pattern& p, int kblk, int g0, int g1,       \
-                                                             const float* vals, const float* xT, float* yT) { \
+                                                             const float* vals, const float* xT, float* yT,   \
+                                                             int row0) {                                      \
         constexpr long LD = (long)W * V;                                                                       \
         constexpr int S = W * V >= 64 ? 1 : (V >= 3 ? 2 : 4);                                                  \
         constexpr int VG = W == 16 ? V : (V % 2 == 0 ? 2 : 1);                                                 \
@@ -214,17 +215,17 @@ __attribute__((noinline)) inline void transpose_out(const float* yT, int ld, int
                 const float* rv[4];                                                                            \
                 for (; n + 4 <= n1; n += 4) {                                                                  \
                     for (int r = 0; r < 4; ++r) rv[r] = vals + rowptr[n + r];                                  \
-                    group##SUFFIX<V, 4, VG>(rv, cols, b, e, xT, yT + n * LD, first);                           \
+                    group##SUFFIX<V, 4, VG>(rv, cols, b, e, xT, yT + (n - row0) * LD, first);                \
                 }                                                                                              \
                 if (n + 2 <= n1) {                                                                             \
                     for (int r = 0; r < 2; ++r) rv[r] = vals + rowptr[n + r];                                  \
-                    group##SUFFIX<V, 2, VG>(rv, cols, b, e, xT, yT + n * LD, first);                           \
+                    group##SUFFIX<V, 2, VG>(rv, cols, b, e, xT, yT + (n - row0) * LD, first);                \
                     n += 2;                                                                                    \
                 }                                                                                              \
             }                                                                                                  \
             for (; n < n1; ++n) {                                                                              \
                 const int rb = rowptr[n], re = rowptr[n + 1];                                                  \
-                row##SUFFIX<V, S>(vals + rb, cols + rb, re - rb, xT, yT + n * LD, first);                      \
+                row##SUFFIX<V, S>(vals + rb, cols + rb, re - rb, xT, yT + (n - row0) * LD, first);           \
             }                                                                                                  \
         }                                                                                                      \
     }
@@ -246,7 +247,7 @@ inline bool& use_avx512() {
     return enabled;
 }
 
-using ChunkFn = void (*)(const Pattern&, int, int, int, const float*, const float*, float*);
+using ChunkFn = void (*)(const Pattern&, int, int, int, const float*, const float*, float*, int);
 
 // values[j] = W[n, cols[j]] for rows [n0, n1), walking W row by row.
 inline void pack_rows(const Pattern& p, const float* w, long ldw, int n0, int n1, float* values) {
@@ -279,13 +280,13 @@ struct ChunkOut {
     long row0;
 };
 
-// Rows are tiled (about 128 rows of yT stay in L2) and, inside a tile, every K block runs over all the
-// tile's rows while its slice of xT stays near L1; then the tile's rows of yT, still in cache, are
-// transposed into y's columns. With w (the first batch chunk, values not packed yet), each tile packs
-// its rows' values first. (Software-prefetching the next tile's W lines during the current tile was
-// measured slower here.)
+// Rows are tiled (about 128 rows) and, inside a tile, every K block runs over all the tile's rows while
+// its slice of xT stays near L1; the tile's rows of the result accumulate in a small per-thread yT (32 KB
+// at 64 lanes: it stays in L1/L2) and are then transposed into y's columns. With w (the first batch
+// chunk, values not packed yet), each tile packs its rows' values first. (Software-prefetching the next
+// tile's W lines during the current tile was measured slower here.)
 inline void rows_range(const Pattern& p, ChunkFn chunk, int g0, int g1, const float* w, float* vals,
-                       const float* xT, float* yT, int ld, const ChunkOut& out) {
+                       const float* xT, int ld, const ChunkOut& out) {
     const int nkb = p.n_kblocks();
     const int all_groups = p.gstart ? p.n_groups : p.rows;
     int t0 = g0;
@@ -293,11 +294,12 @@ inline void rows_range(const Pattern& p, ChunkFn chunk, int g0, int g1, const fl
         const int t1 = tile_end(p, t0, g1);
         const int r0 = group_row(p, t0), r1 = t1 < all_groups ? group_row(p, t1) : p.rows;
         if (w != nullptr) pack_rows(p, w, p.k, r0, r1, vals);
-        for (int kblk = 0; kblk < nkb; ++kblk) chunk(p, kblk, t0, t1, vals, xT, yT);
+        float* yT = scratch(1, (size_t)(r1 - r0) * ld);
+        for (int kblk = 0; kblk < nkb; ++kblk) chunk(p, kblk, t0, t1, vals, xT, yT, r0);
         Epilogue ep = *out.ep;
         if (ep.col_bias) ep.col_bias += r0;
         if (ep.residual) ep.residual += r0;
-        transpose_out(yT + (long)r0 * ld, ld, out.mb, r1 - r0, out.y + r0, out.ldy, ep, out.row0);
+        transpose_out(yT, ld, out.mb, r1 - r0, out.y + r0, out.ldy, ep, out.row0);
         t0 = t1;
     }
 }
@@ -305,18 +307,18 @@ inline void rows_range(const Pattern& p, ChunkFn chunk, int g0, int g1, const fl
 inline int threads_for(long work) { return work > 200000 ? usable_threads() : 1; }
 
 inline void run_chunk(const Pattern& p, ChunkFn chunk, int ld, const float* w, float* vals, const float* xT,
-                      float* yT, const ChunkOut& out) {
+                      const ChunkOut& out) {
     const int groups = p.gstart ? p.n_groups : p.rows;
     const int threads =
         std::min(threads_for((long)p.rowptr[(long)p.n_kblocks() * p.rows] * (ld / 8)), std::max(groups, 1));
     if (threads <= 1) {
-        rows_range(p, chunk, 0, groups, w, vals, xT, yT, ld, out);
+        rows_range(p, chunk, 0, groups, w, vals, xT, ld, out);
         return;
     }
 #pragma omp parallel for schedule(static, 1) num_threads(threads)
     for (int t = 0; t < threads; ++t) {
         const int g0 = (int)((long)groups * t / threads), g1 = (int)((long)groups * (t + 1) / threads);
-        rows_range(p, chunk, g0, g1, w, vals, xT, yT, ld, out);
+        rows_range(p, chunk, g0, g1, w, vals, xT, ld, out);
     }
 }
 
@@ -391,7 +393,6 @@ __attribute__((noinline)) inline void linear(int M, const float* x, const float*
         const int ld = (zmm ? 16 : 8) * V;
         const float* wp = (packed && m0 == 0) ? w : nullptr;
         float* xT = detail::scratch(0, (size_t)K * ld);
-        float* yT = detail::scratch(1, (size_t)N * ld);
         detail::transpose_in(x + (long)m0 * K, K, mb, K, xT, ld);
         static constexpr detail::ChunkFn k256[] = {detail::rows_chunk256<1>, detail::rows_chunk256<2>,
                                                    detail::rows_chunk256<3>, detail::rows_chunk256<4>,
@@ -399,7 +400,7 @@ __attribute__((noinline)) inline void linear(int M, const float* x, const float*
                                                    detail::rows_chunk256<7>, detail::rows_chunk256<8>};
         static constexpr detail::ChunkFn k512[] = {detail::rows_chunk512<1>, detail::rows_chunk512<2>,
                                                    detail::rows_chunk512<3>, detail::rows_chunk512<4>};
-        detail::run_chunk(p, zmm ? k512[V - 1] : k256[V - 1], ld, wp, vals, xT, yT,
+        detail::run_chunk(p, zmm ? k512[V - 1] : k256[V - 1], ld, wp, vals, xT,
                           detail::ChunkOut{mb, y + (long)m0 * N, N, &ep, m0});
     }
 }
