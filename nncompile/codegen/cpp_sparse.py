@@ -44,9 +44,10 @@ from nncompile.ops.base import set_rule
 # timings on the development machine, an AMD EPYC (Zen 4, AVX-512) where the sparse kernel runs on zmm
 # registers; 1024x1024 and 4096x1024, sparsity 50..99%, batch 1..256: the estimates are within about
 # 25% of the measurements. Only their ratios matter)
-DENSE_FLOPS = 100e9        # dense SGEMM FLOP/s (M >= 8) ...
-DENSE_W_BYTES_PER_S = 13.5e9  # ... plus its per-call cost of packing W, 4 * n * k bytes at this rate
-GEMV_BYTES_PER_S = 60e9    # dense with M < 8: each row of x reads W once at this rate
+DENSE_FLOPS = 96e9         # dense SGEMM FLOP/s (M >= 8) ...
+DENSE_W_BYTES_PER_S = 19e9  # ... plus its per-call cost of packing W, 4 * n * k bytes at this rate
+GEMV_BYTES_PER_S = 60e9    # dense with M < 8: each row of x reads W once at this rate (~75e9 for a 4 MB
+                           # W, ~30e9 for 16 MB)
 SPARSE_FLOPS = 85e9        # batch-lane kernel: FLOP/s over the padded lanes (2 * nnz * lanes / time) ...
 SPARSE_NNZ_S = 0.06e-9     # ... plus seconds per nonzero per 64-row batch chunk (index, broadcast) ...
 SPARSE_ROW_S = 12.5e-9     # ... plus seconds per row and K block per chunk (accumulators, loop entry)
