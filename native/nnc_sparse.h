@@ -9,8 +9,9 @@
 // The kernels are vectorized over the batch dimension: a chunk of up to 64 rows of x is transposed
 // into xT[K][ld] (8x8 AVX transposes), every nonzero W[n, c] becomes one broadcast and ld/16 zmm FMAs
 // (AVX-512 CPUs) or ld/8 ymm FMAs (AVX2) against xT[c], and the result yT[rows][ld] of each tile of
-// about 128 rows is transposed back into y with the epilogue applied on the way. Each FMA reads its xT vector from L1/L2 (no reuse across
-// unstructured rows), so the kernel is bound by load bandwidth: 256 bytes per nonzero at 64 lanes.
+// about 128 rows is transposed back into y with the epilogue applied on the way. Each FMA reads its xT
+// vector from L1/L2 (no reuse across unstructured rows), so the kernel is bound by load bandwidth: 256
+// bytes per nonzero at 64 lanes.
 // Groups of consecutive rows with the same column pattern (block sparsity: a block row) run together,
 // sharing each xT load across the rows of the group (register blocking); N:M patterns are CSR rows
 // with a fixed count. Also here: the backward pieces for training with a fixed pattern
