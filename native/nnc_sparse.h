@@ -139,8 +139,9 @@ __attribute__((noinline)) inline void transpose_out(const float* yT, int ld, int
 // fastest, the kernel being bound by the xT loads (Zen 4, in L1: ~5 cycles per nonzero with zmm, the
 // 4 FMAs alone ~4). The partial sums of earlier K blocks are added at the end, so their load (often
 // from L2) stays off the chains. Two rows interleaved (more chains, one loop exit per pair) measured
-// slower. Rows of a group (same columns) share each xT load (register blocking). The AVX2 (ymm) and AVX-512 (zmm) versions are the same code, instantiated twice
-// from this macro with the vector type and intrinsics as arguments.
+// slower. Rows of a group (same columns) share each xT load (register blocking). The AVX2 (ymm) and
+// AVX-512 (zmm) versions are the same code, instantiated twice from this macro with the vector type and
+// intrinsics as arguments.
 #define NNC_SPARSE_KERNELS(VEC, W, TARGET, SUFFIX, LOAD, STORE, ZERO, SET1, FMA, ADD)                          \
     template <int V, int S>                                                                                    \
     TARGET inline void row##SUFFIX(const float* __restrict va, const int32_t* __restrict ca, int la,           \
