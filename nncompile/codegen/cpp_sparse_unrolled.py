@@ -14,10 +14,12 @@ quickly; tiles run in parallel when the layer is big enough. Small V gets severa
 
 Code size is bounded: a layer is unrolled only when its statements (~nnz * (V + 1) per chunk width)
 fit ``MAX_STATEMENTS``; bigger layers use the table kernel. The functions are compiled at -O1: straight
--line code gains nothing from -O3, which took ~4x longer to compile it. Measured (one thread, 512x512
-at 95% sparsity): batch 1 1.3x, batch 4 3.4x, batch 16 1.2x faster than the table-driven loop; at
-batch 64 (V = 8) 0.8x - the instruction stream outgrows the caches, so the chooser's estimate
-(``estimate_s``) keeps tables there. ``NNC_SPARSE_KERNEL=unrolled`` forces it where it fits.
+-line code gains nothing from -O3, which took ~4x longer to compile it. Measured against the table
+kernel (one thread, whole modules, 256x256 at 90% and 512x512 at 95%; bench/RESULTS.md): batch 1
+1.05-1.34x, batch 4 1.1-1.2x faster; batch 16 0.8-1.0x; at batch 64 (V = 8) 0.8x where it fits - the
+instruction stream outgrows the caches and the table kernel has an AVX-512 path - so the chooser's
+estimate (``estimate_s``) takes it for the smallest batches only. ``NNC_SPARSE_KERNEL=unrolled`` forces
+it where it fits.
 """
 from __future__ import annotations
 
