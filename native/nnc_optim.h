@@ -1,7 +1,7 @@
 // nnc_optim.h - optimizer updates over a contiguous range of fp32 parameters, in place.
 //
 // Semantics follow torch.optim exactly (same operation order, so results agree to fp32 rounding;
-// the products are fused multiply-adds, SGD vectorized with AVX2 intrinsics):
+// the products are fused multiply-adds; both sweeps vectorized with AVX2 intrinsics):
 //   sgd:  g += wd*p; buf = first ? g : momentum*buf + (1-dampening)*g; g = nesterov ? g + momentum*buf : buf;
 //         p -= lr*g                                     (momentum == 0: p -= lr*g with no buffer)
 //   adam: g += wd*p (adam) | p *= 1 - lr*wd (adamw); m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g;
@@ -85,24 +85,74 @@ inline void sgd_update(float* p, const float* g, float* buf, int64_t n, float lr
                                                                       weight_decay);
 }
 
+namespace optim_detail {
+
+// One range of the Adam / AdamW sweep: AVX2 vectors of 8, then a scalar tail with the same fused
+// multiply-adds, square root and division (so every element rounds the same way).
+template <bool kDecoupled, bool kDecay>
+inline void adam_range(float* p, const float* g, float* m, float* v, int64_t begin, int64_t end, float beta1,
+                       float beta2, float eps, float weight_decay, float decay, float bc2_sqrt, float step_size) {
+    const float k1 = 1.0f - beta1, k2 = 1.0f - beta2;
+    const __m256 v_b1 = _mm256_set1_ps(beta1), v_b2 = _mm256_set1_ps(beta2), v_k1 = _mm256_set1_ps(k1);
+    const __m256 v_k2 = _mm256_set1_ps(k2), v_eps = _mm256_set1_ps(eps), v_wd = _mm256_set1_ps(weight_decay);
+    const __m256 v_decay = _mm256_set1_ps(decay), v_bc2 = _mm256_set1_ps(bc2_sqrt);
+    const __m256 v_step = _mm256_set1_ps(step_size);
+    int64_t i = begin;
+    for (; i + 8 <= end; i += 8) {
+        __m256 d = _mm256_loadu_ps(g + i);
+        __m256 w = _mm256_loadu_ps(p + i);
+        if (kDecoupled) w = _mm256_mul_ps(w, v_decay);
+        else if (kDecay) d = _mm256_fmadd_ps(v_wd, w, d);
+        const __m256 mi = _mm256_fmadd_ps(v_b1, _mm256_loadu_ps(m + i), _mm256_mul_ps(v_k1, d));
+        const __m256 vi = _mm256_fmadd_ps(v_b2, _mm256_loadu_ps(v + i), _mm256_mul_ps(_mm256_mul_ps(v_k2, d), d));
+        _mm256_storeu_ps(m + i, mi);
+        _mm256_storeu_ps(v + i, vi);
+        const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), v_bc2), v_eps);
+        _mm256_storeu_ps(p + i, _mm256_fnmadd_ps(v_step, _mm256_div_ps(mi, denom), w));
+    }
+    for (; i < end; ++i) {
+        float d = g[i];
+        float w = p[i];
+        if (kDecoupled) w = w * decay;
+        else if (kDecay) d = std::fma(weight_decay, w, d);
+        const float mi = std::fma(beta1, m[i], k1 * d);
+        const float vi = std::fma(beta2, v[i], (k2 * d) * d);
+        m[i] = mi;
+        v[i] = vi;
+        const float denom = std::sqrt(vi) / bc2_sqrt + eps;
+        p[i] = std::fma(-step_size, mi / denom, w);
+    }
+}
+
+template <bool kDecoupled, bool kDecay>
+inline void adam_sweep(float* p, const float* g, float* m, float* v, int64_t n, float beta1, float beta2, float eps,
+                       float weight_decay, float decay, float bc2_sqrt, float step_size) {
+    constexpr int64_t kChunk = 16384;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t begin = c * kChunk;
+        const int64_t end = begin + kChunk < n ? begin + kChunk : n;
+        adam_range<kDecoupled, kDecay>(p, g, m, v, begin, end, beta1, beta2, eps, weight_decay, decay, bc2_sqrt,
+                                       step_size);
+    }
+}
+
+}  // namespace optim_detail
+
 inline void adam_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
                         float eps, float weight_decay, bool decoupled, int64_t step) {
+    using namespace optim_detail;
     const float bc1 = 1.0f - std::pow(beta1, (float)step);
     const float bc2_sqrt = std::sqrt(1.0f - std::pow(beta2, (float)step));
     const float step_size = lr / bc1;
     const float decay = decoupled ? 1.0f - lr * weight_decay : 1.0f;
-#pragma omp parallel for simd schedule(static) if (n > 65536)
-    for (int64_t i = 0; i < n; ++i) {
-        float d = g[i];
-        float w = p[i];
-        if (decoupled) w = w * decay;
-        else if (weight_decay != 0.0f) d = d + weight_decay * w;
-        const float mi = beta1 * m[i] + (1.0f - beta1) * d;
-        const float vi = beta2 * v[i] + (1.0f - beta2) * d * d;
-        m[i] = mi;
-        v[i] = vi;
-        const float denom = std::sqrt(vi) / bc2_sqrt + eps;
-        p[i] = w - step_size * (mi / denom);
+    if (decoupled) {
+        adam_sweep<true, false>(p, g, m, v, n, beta1, beta2, eps, weight_decay, decay, bc2_sqrt, step_size);
+    } else if (weight_decay != 0.0f) {
+        adam_sweep<false, true>(p, g, m, v, n, beta1, beta2, eps, weight_decay, decay, bc2_sqrt, step_size);
+    } else {
+        adam_sweep<false, false>(p, g, m, v, n, beta1, beta2, eps, weight_decay, decay, bc2_sqrt, step_size);
     }
 }
 

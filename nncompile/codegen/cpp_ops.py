@@ -11,11 +11,13 @@ import math
 import weakref
 
 from nncompile.codegen.cpp import CTYPES, CppContext, ctype
-from nncompile.codegen.cpp_loops import Operand, broadcast_strides, contiguous_strides, elementwise_loop, strided_copy
+from nncompile.codegen.cpp_loops import (PARALLEL_MIN, Operand, broadcast_strides, contiguous_strides, elementwise_loop,
+                                         strided_copy)
 from nncompile.errors import BuildError
 from nncompile.ir.graph import Node
 from nncompile.ops.base import broadcast_shapes, get_op, normalize_axis, set_rule
 from nncompile.ops.fused import steps
+from nncompile.passes.plan_memory import VIEW_OPS
 
 
 def f(value: float) -> str:
@@ -262,9 +264,9 @@ _FOLDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def transposes_read_in_place(emitter) -> dict[str, str]:
     """2-D transposes whose every reader is a 2-D ``matmul`` that can read the transpose's source in place
     (``nnc::sgemm`` with the operand's transposed flag): transpose name -> source name. Those transposes
-    emit no copy. A fold needs the source's storage untouched from the transpose up to each reader (the
-    memory plan made no other value live in it over those steps), since the reader now reads the source
-    later than the transpose did."""
+    emit no copy. A fold needs the source's storage untouched from the transpose up to each reader (no
+    value written into its buffer, and no other arena buffer over its bytes once it is dead), since the
+    reader now reads the source later than the transpose did."""
     found = _FOLDS.get(emitter)
     if found is not None:
         return found
@@ -285,10 +287,20 @@ def transposes_read_in_place(emitter) -> dict[str, str]:
             # caller-owned memory: nothing in between may write a graph output (an in-graph update of a
             # parameter, e.g. running statistics, is written as an output)
             return not any(n.name in outputs or plan.storage[n.name][0] == "output" for n in between)
-        buffer = buffer_of.get(source)
-        if kind != "arena" or buffer is None or buffer["end"] <= reader_step:
+        base = source
+        while base not in buffer_of and base in index and graph.nodes[index[base]].op in VIEW_OPS:
+            base = graph.nodes[index[base]].inputs[0]   # a view (reshape, ...): its base's buffer holds it
+        buffer = buffer_of.get(base)
+        if kind != "arena" or buffer is None:
             return False
-        return not any(t_step < index.get(v, -1) <= reader_step for v in buffer["values"] if v != source)
+        if buffer["end"] <= reader_step:
+            # the source died at or after the transpose: no arena buffer overlapping it may be live
+            # between its end and the reader
+            lo, hi = buffer["offset"], buffer["offset"] + buffer["size"]
+            if any(other is not buffer and other["offset"] < hi and lo < other["offset"] + other["size"]
+                   and other["start"] <= reader_step and other["end"] > buffer["end"] for other in plan.buffers):
+                return False
+        return not any(t_step < index.get(v, -1) <= reader_step for v in buffer["values"] if v != base)
 
     for node in graph.nodes if consistent else ():
         if node.op != "transpose" or node.type.rank != 2 or node.name in outputs:
@@ -417,9 +429,42 @@ def emit_permute(ctx: CppContext, node: Node) -> str:
         dims[d0], dims[d1] = dims[d1], dims[d0]
     else:
         dims = [normalize_axis("permute", d, src.rank) for d in node.attrs["dims"]]
+    if (node.op == "transpose" and src.rank >= 2 and sorted((d0, d1)) == [src.rank - 2, src.rank - 1]
+            and node.type.dtype == "f32" and src.shape[-1] >= 8 and src.shape[-2] >= 8):
+        return _transpose_last_two(ctx, node, src)
     own = contiguous_strides(src.shape)
     return strided_copy(ctx.out, ctx.ptr(node.inputs[0]), node.type.shape, [own[d] for d in dims],
                         ctype=ctype(node.type.dtype))
+
+
+def _transpose_last_two(ctx: CppContext, node: Node, src) -> str:
+    """out[b, j, i] = x[b, i, j]: 32 x 32 tiles of 8 x 8 register transposes (the generic strided copy
+    reads a column at a time: a cache line per element once rows are 4 KiB apart)."""
+    rows, cols = src.shape[-2], src.shape[-1]
+    batch = src.numel // (rows * cols)
+    x, out = ctx.ptr(node.inputs[0]), ctx.out
+    return "\n".join(line for line in [
+        f"#pragma omp parallel for schedule(static) if({src.numel} >= {PARALLEL_MIN})",
+        f"for (int64_t t_ = 0; t_ < {batch} * {-(-rows // 32)}; ++t_) {{",
+        f"  const int64_t b_ = t_ / {-(-rows // 32)}, i1_ = t_ % {-(-rows // 32)} * 32;",
+        f"  const float* s_ = {x} + b_ * {rows * cols};",
+        f"  float* d_ = {out} + b_ * {rows * cols};",
+        f"  for (int64_t j1_ = 0; j1_ < {cols}; j1_ += 32) {{",
+        f"    for (int64_t i0_ = i1_; i0_ < i1_ + 32 && i0_ < {rows}; i0_ += 8) {{",
+        f"      for (int64_t j0_ = j1_; j0_ < j1_ + 32 && j0_ < {cols}; j0_ += 8) {{",
+        f"        if (i0_ + 8 <= {rows} && j0_ + 8 <= {cols}) {{",
+        "          __m256 r_[8];",
+        f"          for (int q_ = 0; q_ < 8; ++q_) r_[q_] = _mm256_loadu_ps(s_ + (i0_ + q_) * {cols} + j0_);",
+        "          nnc::gemm::transpose8x8(r_[0], r_[1], r_[2], r_[3], r_[4], r_[5], r_[6], r_[7]);",
+        f"          for (int q_ = 0; q_ < 8; ++q_) _mm256_storeu_ps(d_ + (j0_ + q_) * {rows} + i0_, r_[q_]);",
+        "        } else {",
+        f"          for (int64_t i_ = i0_; i_ < i0_ + 8 && i_ < {rows}; ++i_)",
+        f"            for (int64_t j_ = j0_; j_ < j0_ + 8 && j_ < {cols}; ++j_) d_[j_ * {rows} + i_] = s_[i_ * {cols} + j_];",
+        "        }",
+        "      }",
+        "    }",
+        "  }",
+        "}"] if line)
 
 
 def emit_slice(ctx: CppContext, node: Node) -> str:

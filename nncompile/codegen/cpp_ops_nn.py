@@ -258,7 +258,15 @@ def emit_reduce(ctx: CppContext, node: Node) -> str:
         lines.append(f"  {{ const int64_t i_ = rem_ % {x.shape[d]}; rem_ /= {x.shape[d]}; base_ += i_ * {strides[d]}; }}")
     lines.append(f"  {acc_t} acc_ = {init};")
     trailing = list(axes) == list(range(x.rank - len(axes), x.rank))
-    if trailing:
+    if trailing and op != "max" and red_count >= 32:
+        # 16 partial sums (vectorizable, 4 independent chains of 4 doubles) instead of one serial chain
+        lines += [f"  const float* p_ = {ctx.ptr(node.inputs[0])} + base_;",
+                  "  double part_[16] = {0.0};",
+                  "  int64_t k_ = 0;",
+                  f"  for (; k_ + 16 <= {red_count}; k_ += 16) for (int q_ = 0; q_ < 16; ++q_) part_[q_] += (double)p_[k_ + q_];",
+                  f"  for (; k_ < {red_count}; ++k_) part_[0] += (double)p_[k_];",
+                  "  for (int q_ = 0; q_ < 16; ++q_) acc_ += part_[q_];"]
+    elif trailing:
         lines += [f"  const float* p_ = {ctx.ptr(node.inputs[0])} + base_;",
                   f"  for (int64_t k_ = 0; k_ < {red_count}; ++k_) {{ const float v_ = p_[k_]; {combine} }}"]
     else:
@@ -273,8 +281,9 @@ def emit_reduce(ctx: CppContext, node: Node) -> str:
 def _reduce_leading(ctx: CppContext, node: Node, rows: int, cols: int) -> str:
     """sum / mean over the leading axes (e.g. a bias gradient, [rows, cols] -> [cols]): rows streamed in
     order into a strip of double accumulators, so the inner loop runs along contiguous columns
-    (vectorized); each output adds its rows in the same order as the generic loop."""
-    strip = 256
+    (vectorized); each output adds its rows in the same order as the generic loop. Strips of up to 2048
+    columns (16 KiB of accumulators), so rows are read in long contiguous pieces."""
+    strip = min(2048, max(256, -(-cols // 2)))
     scale = f" / {rows}" if node.op == "mean" else ""
     return "\n".join(line for line in [
         _omp(rows * cols) if cols > strip else "",
