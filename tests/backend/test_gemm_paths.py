@@ -120,6 +120,23 @@ def test_b_in_place_several_k_blocks(nat, threads):
         nat.set_blocking(144, 512, 4080)
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(M=st.integers(9, 140), N=st.integers(1, 17), K=depth, ta=st.booleans(), tb=st.booleans(),
+       act=st.sampled_from(sorted(ACTS)), seed=st.integers(0, 2**31))
+def test_narrow_outputs(nat, M, N, K, ta, tb, act, seed):
+    """N <= 16 (a classifier's logits) runs the 6x16 kernel even where AVX-512 is on."""
+    nat.set_avx512(nat.has_avx512())
+    nat.set_threads(1)
+    rng = np.random.default_rng(seed)
+    a, A, lda = _stored(rng, M, K, ta, 1)
+    b, B, ldb = _stored(rng, K, N, tb, 0)
+    C = np.full((M, N), np.nan, np.float32)
+    col = rng.uniform(-1, 1, N).astype(np.float32)
+    nat.sgemm(ta, tb, M, N, K, A, lda, B, ldb, C, N, 0.0, col, None, getattr(nat, f"ACT_{act.upper()}"), None, 0, 1.0)
+    ref = ACTS[act](a.astype(np.float64) @ b.astype(np.float64) + col)
+    np.testing.assert_allclose(C, ref, rtol=1e-4, atol=2e-6 * (K + 4) + 1e-5)
+
+
 def test_real_step_shapes(nat):
     """The MLP step's GEMMs as the generated code calls them (dW with op(A) = dY^T read in place)."""
     nat.set_threads(1)
