@@ -46,8 +46,9 @@ from nncompile.ops.base import set_rule
 # 25% of the measurements. Only their ratios matter)
 DENSE_FLOPS = 96e9         # dense SGEMM FLOP/s (M >= 8) ...
 DENSE_W_BYTES_PER_S = 19e9  # ... plus its per-call cost of packing W, 4 * n * k bytes at this rate
-GEMV_BYTES_PER_S = 60e9    # dense with M < 8: each row of x reads W once at this rate (~75e9 for a 4 MB
-                           # W, ~30e9 for 16 MB)
+GEMV_BYTES_PER_S = 75e9    # dense with M < 8: each row of x reads W once at this rate while W fits the
+CACHED_BYTES = 8 << 20     # caches (<= 8 MB: 1024x1024 measures ~70e9) ...
+DRAM_BYTES_PER_S = 28e9    # ... and at this rate beyond (4096x1024, 16 MB: ~25e9); the packed values too
 SPARSE_FLOPS = 85e9        # batch-lane kernel: FLOP/s over the padded lanes (2 * nnz * lanes / time) ...
 SPARSE_NNZ_S = 0.06e-9     # ... plus seconds per nonzero per 64-row batch chunk (index, broadcast) ...
 SPARSE_ROW_S = 12.5e-9     # ... plus seconds per row and K block per chunk (accumulators, loop entry)
@@ -119,17 +120,22 @@ def pattern_from_mask(mask: np.ndarray, kb: int | None = None) -> Csr:
                (rows.astype(np.int64) * k + cols).astype(np.int64))
 
 
+def _stream_s(nbytes: float) -> float:
+    """Seconds to read ``nbytes`` once per call: from the caches if they hold it, else from DRAM."""
+    return nbytes / (GEMV_BYTES_PER_S if nbytes <= CACHED_BYTES else DRAM_BYTES_PER_S)
+
+
 def estimate(m: int, n: int, k: int, nnz: int, packed: bool = False) -> dict:
     """Estimated seconds of the dense and the sparse kernel for y[m, n] = x[m, k] W^T. ``packed``: the
     values are already packed (persistent buffer): the kernel streams values and column indices instead
     of gathering W's scattered cache lines."""
     if m < 8:
-        dense = m * 4.0 * n * k / GEMV_BYTES_PER_S
+        dense = m * _stream_s(4.0 * n * k)
     else:
         dense = 2.0 * m * n * k / DENSE_FLOPS + 4.0 * n * k / DENSE_W_BYTES_PER_S
     density = nnz / (n * k) if n * k else 0.0
     if packed:
-        values = 8.0 * nnz / GEMV_BYTES_PER_S
+        values = _stream_s(8.0 * nnz)
     else:
         touched = 4.0 * n * k * (1.0 - (1.0 - density) ** 16)   # 16 floats per cache line
         values = PACK_NNZ_S * nnz + touched / TOUCHED_BYTES_PER_S
