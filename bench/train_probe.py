@@ -3,9 +3,9 @@
     python bench/train_probe.py [--model mlp|gpt] [--rounds 9] [--gemms]
 
 Times ``m.train_step(x, y)`` of the compiled example and the eager twin (examples/torch_models.py,
-same optimizer and hyper-parameters, same weights and inputs) in CPU time of the calling thread
-(``time.thread_time``), both frameworks on one thread, in interleaved rounds; prints medians and
-the ratio eager / nnc. ``--gemms`` also times each GEMM shape of the MLP step in isolation through
+same optimizer and hyper-parameters, same weights and inputs), and for the MLP the hand-written C++
+baseline calling OpenBLAS (bench/handwritten), in CPU time of the calling thread (``time.thread_time``),
+everything on one thread, in interleaved rounds; prints medians and the ratios X / nnc. ``--gemms`` also times each GEMM shape of the MLP step in isolation through
 ``nnc::sgemm`` (the test bindings, timed in C++, CPU time) and prints GFLOP/s per shape.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(REPO / "tests" / "backend"))
+sys.path.insert(0, str(REPO))
 from torch_models import Gpt, Mlp  # noqa: E402
 
 GPT = {"T": 128, "d": 256, "heads": 4, "layers": 4, "vocab": 512}
@@ -76,7 +77,18 @@ def build(model: str, batch: int):
         F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t_labels.reshape(-1)).backward()
         opt.step()
 
-    return compiled, {"nnc": lambda: compiled.train_step(*inputs, labels), "eager": eager}
+    fns = {"nnc": lambda: compiled.train_step(*inputs, labels), "eager": eager}
+    if model == "mlp":
+        # the hand-written C++ baseline calling OpenBLAS sgemm (bench/handwritten), when it builds
+        from bench import handwritten as hw
+
+        try:
+            blas = hw.Mlp(hw.build("blas"), compiled.state_dict(), batch)
+            blas.set_threads(1)
+            fns["c++ blas"] = lambda: blas.train_step(inputs[0], labels, hyper["lr"], hyper.get("momentum", 0.0))
+        except hw.BaselineUnavailable as err:
+            print(f"(C++ BLAS baseline unavailable: {err})")
+    return compiled, fns
 
 
 def race(fns: dict, rounds: int, budget: float) -> dict[str, float]:
@@ -129,8 +141,8 @@ def main() -> None:
         compiled.set_threads(1)
         result = race(fns, args.rounds, args.budget)
         print(f"{args.model} B={batch} training step, 1 thread, CPU ms (median of {args.rounds} rounds): "
-              f"nnc {result['nnc'] * 1e3:.3f}  eager {result['eager'] * 1e3:.3f}  "
-              f"eager/nnc {result['eager'] / result['nnc']:.3f}x")
+              + "  ".join(f"{k} {v * 1e3:.3f}" for k, v in result.items()) + "  "
+              + "  ".join(f"{k}/nnc {v / result['nnc']:.3f}x" for k, v in result.items() if k != "nnc"))
         if args.model == "mlp":
             flops = sum(2.0 * M * N * K for _, _, _, M, N, K in MLP_GEMMS[:8])
             print(f"  GEMM work {flops / 1e9:.3f} GFLOP: nnc step at {flops / result['nnc'] / 1e9:.1f} GFLOP/s, "
