@@ -404,24 +404,22 @@ void nnc_sp_threads(int n) { nnc::set_threads(n); }
 _native = None
 
 
-def native_kernels():
-    """The ctypes harness (built once into the build cache, keyed by the headers' digest)."""
-    global _native
-    if _native is not None:
-        return _native
+def build_harness(source: str, stem: str):
+    """``source`` (a harness over the native headers) built once into the build cache, keyed by its text
+    and the headers' digest, and loaded with ctypes."""
     import ctypes
     import hashlib
     import subprocess
 
     from nncompile.codegen.build import NATIVE_DIR, cache_root, native_digest
 
-    key = hashlib.sha256((_HARNESS + native_digest()).encode()).hexdigest()[:16]
+    key = hashlib.sha256((source + native_digest()).encode()).hexdigest()[:16]
     root = cache_root() / "sparse_harness"
     root.mkdir(parents=True, exist_ok=True)
-    lib = root / f"nnc_sparse_{key}.so"
+    lib = root / f"{stem}_{key}.so"
     if not lib.exists():
-        src = root / f"nnc_sparse_{key}.cpp"
-        src.write_text(_HARNESS)
+        src = root / f"{stem}_{key}.cpp"
+        src.write_text(source)
         tmp = root / f"{lib.name}.{os.getpid()}.tmp"
         cmd = ["g++", "-O3", "-fopenmp", "-march=x86-64-v3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno",
                "-fno-trapping-math", f"-I{NATIVE_DIR}",
@@ -430,7 +428,14 @@ def native_kernels():
         if done.returncode != 0:
             raise BuildError("could not build the sparse kernel harness:\n" + done.stderr[-2000:])
         os.replace(tmp, lib)
-    _native = ctypes.CDLL(str(lib))
+    return ctypes.CDLL(str(lib))
+
+
+def native_kernels():
+    """The ctypes harness (built once into the build cache, keyed by the headers' digest)."""
+    global _native
+    if _native is None:
+        _native = build_harness(_HARNESS, "nnc_sparse")
     return _native
 
 

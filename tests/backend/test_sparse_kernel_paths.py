@@ -8,9 +8,6 @@ or with packed values and M >= 2 the 8-lane kernel), with values packed beforeha
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nncompile.codegen import cpp_sparse
-from nncompile.codegen.build import NATIVE_DIR, cache_root, native_digest
 
 pytestmark = pytest.mark.backend
 
@@ -29,19 +25,7 @@ _SWITCH = '\nextern "C" void nnc_sp_test_avx512(int on) { nnc::sparse::detail::u
 @pytest.fixture(scope="module")
 def lib():
     """The ctypes harness of codegen/cpp_sparse.py plus a switch between the two vector paths."""
-    source = cpp_sparse._HARNESS + _SWITCH
-    key = hashlib.sha256((source + native_digest()).encode()).hexdigest()[:16]
-    root = cache_root() / "sparse_harness"
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / f"nnc_sparse_paths_{key}.so"
-    if not path.exists():
-        src = root / f"nnc_sparse_paths_{key}.cpp"
-        src.write_text(source)
-        tmp = root / f"{path.name}.tmp"
-        subprocess.run(["g++", "-O2", "-fopenmp", "-march=x86-64-v3", "-std=c++17", "-fPIC", "-shared",
-                        f"-I{NATIVE_DIR}", str(src), "-o", str(tmp)], check=True)
-        tmp.replace(path)
-    handle = ctypes.CDLL(str(path))
+    handle = cpp_sparse.build_harness(cpp_sparse._HARNESS + _SWITCH, "nnc_sparse_paths")
     handle.nnc_sp_threads(1)
     return handle
 
