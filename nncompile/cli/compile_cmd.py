@@ -115,6 +115,12 @@ def run(args) -> int:
           + (f", of which {summary['packed_values_bytes']:,} hold sparse weights' packed values)" if packed else ")"))
     print(f"  arena:   {summary['arena_bytes']:,} bytes (lower bound {summary['arena_lower_bound']:,}); "
           f"{summary['fused_groups']} fused groups")
+    choices = [d for d in model.plan.get("sparse", []) if "role" not in d]
+    if choices:
+        summary["sparse"] = [{k: d.get(k) for k in ("weight", "kernel", "form", "why")} for d in choices]
+        for d in choices:
+            form = f" ({d['form']})" if d["kernel"] == "sparse" and d.get("form") else ""
+            print(f"  sparse:  {d['weight']}: {d['kernel']} kernel{form} - {d['why']}")
     if train is not None:
         spec = model.manifest["train"]
         train_memory = (model.plan.get("train") or {}).get("memory", {})

@@ -39,6 +39,9 @@ def test_example_compiled_from_the_command_line_matches_interpreter(name, tmp_pa
     assert result.returncode == 0, result.stderr
     graph = nnc.parse(EXAMPLES / name, set=SMALL[name])
     model = nnc.load(tmp_path)
+    sparse = [p.name for p in graph.params if p.type.sparsity is not None]
+    for weight in sparse:   # every sparse weight's kernel choice is reported, with the reason
+        assert f"  sparse:  {weight}: " in result.stdout, result.stdout
     inference_inputs = {i: v for i, v in example_inputs(graph).items() if i in model.input_names}
     got = model(**inference_inputs)
     got = got if isinstance(got, tuple) else (got,)
