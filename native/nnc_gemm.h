@@ -102,11 +102,7 @@ inline void packed_with(Kernel kernel, bool transA, bool transB, int M, int N, i
             const int kc = std::min(KC, K - pc);
             const float* Bsrc = transB ? B + static_cast<long>(jc) * ldb + pc : B + static_cast<long>(pc) * ldb + jc;
             pack_b<NRt>(transB, kc, nc, Bsrc, ldb, Bp);
-            StoreMode mode;
-            mode.alpha = ep.alpha;
-            mode.beta = pc == 0 ? beta : 1.0f;
-            mode.load_c = pc > 0 || beta != 0.0f;
-            mode.finalize = pc + kc >= K;
+            const StoreMode mode = StoreMode::for_block(pc, kc, K, beta, ep.alpha);
             for (int ic = 0; ic < M; ic += MC) {
                 const int mc = std::min(MC, M - ic);
                 const float* Asrc =
@@ -148,11 +144,7 @@ inline void packed_direct_b(bool transA, int M, int N, int K, const float* A, in
     for (int pc = 0; pc < K; pc += KC) {
         const int kc = std::min(KC, K - pc);
         if (whole < N) pack_b<NR512>(false, kc, N - whole, B + static_cast<long>(pc) * ldb + whole, ldb, Bedge);
-        StoreMode mode;
-        mode.alpha = ep.alpha;
-        mode.beta = pc == 0 ? beta : 1.0f;
-        mode.load_c = pc > 0 || beta != 0.0f;
-        mode.finalize = pc + kc >= K;
+        const StoreMode mode = StoreMode::for_block(pc, kc, K, beta, ep.alpha);
         for (int ic = 0; ic < M; ic += MC) {
             const int mc = std::min(MC, M - ic);
             const float* Asrc = transA ? A + static_cast<long>(pc) * lda + ic : A + static_cast<long>(ic) * lda + pc;

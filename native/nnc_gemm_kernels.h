@@ -44,6 +44,16 @@ struct StoreMode {
     float beta;
     bool load_c;    // add beta * C (first K block with beta != 0, or any later K block)
     bool finalize;  // last K block: apply bias, activation, residual
+
+    // the mode of the K block [pc, pc + kc) of K: beta and the epilogue only where they apply
+    static StoreMode for_block(int pc, int kc, int K, float beta, float alpha) {
+        StoreMode mode;
+        mode.alpha = alpha;
+        mode.beta = pc == 0 ? beta : 1.0f;
+        mode.load_c = pc > 0 || beta != 0.0f;
+        mode.finalize = pc + kc >= K;
+        return mode;
+    }
 };
 
 // Stores NV vectors (8 * NV columns, the first n_valid of them) of one row i of the tile.
