@@ -48,38 +48,8 @@ def nat():
     module.set_threads(2)
 
 
-def _stored(rng, rows, cols, trans, pad):
-    logical = rng.uniform(-1, 1, (rows, cols)).astype(np.float32)
-    phys = logical.T if trans else logical
-    buf = (rng.uniform(-1, 1, (phys.shape[0], phys.shape[1] + pad)) * 100).astype(np.float32)
-    buf[:, :phys.shape[1]] = phys
-    return logical, np.ascontiguousarray(buf), phys.shape[1] + pad
-
-
 def _check(nat, rng, M, N, K, ta, pad, beta, alpha, use_col, use_row, act, use_res):
-    a, A, lda = _stored(rng, M, K, ta, pad)
-    b, B, ldb = _stored(rng, K, N, False, pad)
-    ldc = N + pad
-    C = rng.uniform(-1, 1, (M, ldc)).astype(np.float32)
-    if beta == 0.0:
-        C[:, :N] = np.nan  # beta == 0 never reads C
-    c_old = C[:, :N].astype(np.float64)
-    col = rng.uniform(-1, 1, N).astype(np.float32) if use_col else None
-    row = rng.uniform(-1, 1, M).astype(np.float32) if use_row else None
-    res = rng.uniform(-1, 1, (M, N + 3)).astype(np.float32) if use_res else None
-    nat.sgemm(ta, False, M, N, K, A, lda, B, ldb, C, ldc, beta, col, row, getattr(nat, f"ACT_{act.upper()}"), res,
-              N + 3, alpha)
-    ref = alpha * (a.astype(np.float64) @ b.astype(np.float64))
-    if beta != 0.0:
-        ref = ref + beta * c_old
-    if use_col:
-        ref = ref + col
-    if use_row:
-        ref = ref + row[:, None]
-    ref = ACTS[act](ref)
-    if use_res:
-        ref = ref + res[:, :N]
-    np.testing.assert_allclose(C[:, :N], ref, rtol=1e-4, atol=2e-6 * (K + 4) + 1e-5)
+    native_harness.run_sgemm(nat, rng, M, N, K, ta, False, pad, beta, alpha, use_col, use_row, act, use_res)
 
 
 rows = st.one_of(st.integers(9, 140), st.sampled_from([12, 19, 20, 31, 32, 128, 200, 256]))
@@ -128,8 +98,8 @@ def test_narrow_outputs(nat, M, N, K, ta, tb, act, seed):
     nat.set_avx512(nat.has_avx512())
     nat.set_threads(1)
     rng = np.random.default_rng(seed)
-    a, A, lda = _stored(rng, M, K, ta, 1)
-    b, B, ldb = _stored(rng, K, N, tb, 0)
+    a, A, lda = native_harness.stored(rng, M, K, ta, 1)
+    b, B, ldb = native_harness.stored(rng, K, N, tb, 0)
     C = np.full((M, N), np.nan, np.float32)
     col = rng.uniform(-1, 1, N).astype(np.float32)
     nat.sgemm(ta, tb, M, N, K, A, lda, B, ldb, C, N, 0.0, col, None, getattr(nat, f"ACT_{act.upper()}"), None, 0, 1.0)

@@ -16,6 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import native_harness  # noqa: E402
+from native_harness import act_code, act_ref, rand, run_sgemm, stored  # noqa: E402,F401
 
 pytestmark = pytest.mark.backend
 
@@ -44,42 +45,6 @@ def nat():
     module.set_threads(2)
 
 
-def act_code(nat, name: str) -> int:
-    return getattr(nat, f"ACT_{name.upper()}")
-
-
-def act_ref(x: np.ndarray, name: str) -> np.ndarray:
-    t = torch.from_numpy(np.asarray(x, dtype=np.float64))
-    out = {
-        "none": lambda v: v,
-        "relu": F.relu,
-        "gelu_erf": F.gelu,
-        "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
-        "tanh": torch.tanh,
-        "sigmoid": torch.sigmoid,
-        "silu": F.silu,
-    }[name](t)
-    return out.numpy()
-
-
-def rand(rng, *shape, scale=1.0):
-    return (rng.uniform(-1.0, 1.0, size=shape) * scale).astype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# GEMM
-# ---------------------------------------------------------------------------------------------
-
-def stored(rng, rows, cols, trans, pad):
-    """A logical rows x cols operand, stored transposed or not with `pad` extra leading-dim floats."""
-    logical = rand(rng, rows, cols)
-    phys = logical.T if trans else logical
-    ld = phys.shape[1] + pad
-    buf = rand(rng, phys.shape[0], ld) * 100.0  # garbage in the padding must not leak in
-    buf[:, : phys.shape[1]] = phys
-    return logical, np.ascontiguousarray(buf), ld
-
-
 KERNELS = ["avx2", "avx512"]
 
 
@@ -88,35 +53,6 @@ def use_kernel(nat, kernel: str) -> None:
     if kernel == "avx512" and not nat.has_avx512():
         pytest.skip("CPU has no AVX-512F")
     nat.set_avx512(kernel == "avx512")
-
-
-def run_sgemm(nat, rng, M, N, K, ta, tb, pad, beta, alpha, use_col, use_row, act, use_res):
-    a, A, lda = stored(rng, M, K, ta, pad)
-    b, B, ldb = stored(rng, K, N, tb, pad)
-    ldc = N + pad
-    C = rand(rng, M, ldc)
-    if beta == 0.0:
-        C[:, :N] = np.nan  # beta == 0 must never read C
-    c_old = C[:, :N].astype(np.float64)
-    col_bias = rand(rng, N) if use_col else None
-    row_bias = rand(rng, M) if use_row else None
-    residual = rand(rng, M, N + 3) if use_res else None
-    nat.sgemm(ta, tb, M, N, K, A, lda, B, ldb, C, ldc, beta, col_bias, row_bias, act_code(nat, act), residual,
-              N + 3, alpha)
-    ref = alpha * (a.astype(np.float64) @ b.astype(np.float64))
-    if beta != 0.0:
-        ref = ref + beta * c_old
-    if use_col:
-        ref = ref + col_bias
-    if use_row:
-        ref = ref + row_bias[:, None]
-    ref = act_ref(ref, act)
-    if use_res:
-        ref = ref + residual[:, :N]
-    tol = 2e-6 * (K + 4) + 1e-5
-    np.testing.assert_allclose(C[:, :N], ref, rtol=1e-4, atol=tol)
-    if pad:
-        assert np.isfinite(C[:, N:]).all() or beta == 0.0
 
 
 dims = st.one_of(st.integers(1, 40), st.sampled_from([1, 6, 7, 16, 17, 33, 64, 65, 97]))
