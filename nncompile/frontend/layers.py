@@ -18,8 +18,8 @@ from nncompile.errors import ShapeError, SourceLoc
 from nncompile.ir.graph import Init
 from nncompile.ir.types import Sparsity, TensorType, stable_seed
 from nncompile.frontend.params import check_sparsity
-from nncompile.frontend.values import (REQUIRED, Tensor, as_bool, as_int, as_number, as_pair, as_tensor, bind_args,
-                                       describe)
+from nncompile.frontend.values import (REQUIRED, Tensor, as_bool, as_int, as_ints, as_number, as_pair, as_tensor,
+                                       bind_args, describe)
 
 
 @dataclass(frozen=True)
@@ -155,17 +155,13 @@ def _locally_connected(ctx: LayerContext, x, out, kernel, stride, padding, bias)
     if x.type.rank != spatial_rank + 2:
         raise ctx.fail(f"x must be {layout}, got {x.type.dense()}")
     out = as_int(f"{ctx.name}: out", out, ctx.loc, 1)
-    kernel = _per_axis(ctx, "kernel", kernel, spatial_rank, 1)
-    stride = _per_axis(ctx, "stride", stride, spatial_rank, 1)
+    kernel = as_ints(f"{ctx.name}: kernel", kernel, ctx.loc, 1, spatial_rank)
+    stride = as_ints(f"{ctx.name}: stride", stride, ctx.loc, 1, spatial_rank)
     if padding == "valid":
         padding = 0
     elif padding == "same":
-        if stride != (1,) * spatial_rank:
-            raise ctx.fail("padding=\"same\" needs stride=1")
-        if any(k % 2 == 0 for k in kernel):
-            raise ctx.fail(f"padding=\"same\" needs an odd kernel size, got kernel {list(kernel)}")
-        padding = [k // 2 for k in kernel]
-    padding = _per_axis(ctx, "padding", padding, spatial_rank, 0)
+        padding = _same_padding(ctx, kernel, stride, (1,) * spatial_rank)
+    padding = as_ints(f"{ctx.name}: padding", padding, ctx.loc, 0, spatial_rank)
     batch, channels, size = x.shape[0], x.shape[1], x.shape[2:]
     for axis_size, k, p in zip(size, kernel, padding):
         if k > axis_size + 2 * p:
@@ -187,14 +183,6 @@ def _locally_connected(ctx: LayerContext, x, out, kernel, stride, padding, bias)
     return ctx.op("reshape", [y], {"shape": (batch, out, *out_size)})
 
 
-def _per_axis(ctx: LayerContext, what: str, value, rank: int, minimum: int) -> tuple[int, ...]:
-    """An int (every axis) or a list of ``rank`` ints."""
-    values = value if isinstance(value, list) else [value] * rank
-    if len(values) != rank:
-        raise ctx.fail(f"{what} must be an integer or a list of {rank} integers, got {len(values)} values")
-    return tuple(as_int(f"{ctx.name}: {what}", v, ctx.loc, minimum) for v in values)
-
-
 for _name, _layout in (("LocallyConnected1d", "x [B, C, L]"), ("LocallyConnected2d", "x [B, C, H, W]")):
     layer(_name, f"convolution-shaped layer without weight sharing, {_layout}: linear with a local sparsity pattern. "
           "weight [out * out positions, C * in positions] U(+-1/sqrt(C * kernel)), bias [out * out positions]",
@@ -203,12 +191,13 @@ for _name, _layout in (("LocallyConnected1d", "x [B, C, L]"), ("LocallyConnected
 
 def _same_padding(ctx: LayerContext, kernel, stride, dilation) -> list[int]:
     """torch's padding="same": output size = input size; needs stride 1 and a symmetric padding."""
-    if stride != (1, 1):
+    if any(st != 1 for st in stride):
         raise ctx.fail("padding=\"same\" needs stride=1")
     padding = []
     for k, d in zip(kernel, dilation):
         if d * (k - 1) % 2:
-            raise ctx.fail(f"padding=\"same\" needs an odd effective kernel size, got kernel {k} dilation {d}")
+            raise ctx.fail(f"padding=\"same\" needs an odd effective kernel size, got kernel {k}"
+                           + (f" dilation {d}" if d != 1 else ""))
         padding.append(d * (k - 1) // 2)
     return padding
 

@@ -16,7 +16,7 @@ import numpy as np
 from nncompile.errors import InputError, NameError_, ShapeError, SourceLoc
 from nncompile.ir.graph import Init
 from nncompile.ir.types import Sparsity
-from nncompile.frontend.values import REQUIRED, as_bool, as_int, as_number, bind_args, describe
+from nncompile.frontend.values import REQUIRED, as_bool, as_int, as_ints, as_number, bind_args, describe
 
 # initializer name -> its arguments (torch's defaults)
 INITIALIZERS: dict[str, dict[str, Any]] = {
@@ -145,12 +145,7 @@ def _local_sparsity(args: Mapping[str, Any], loc: SourceLoc | None) -> Sparsity:
         raise ShapeError(f"sparse: local= needs {missing}", loc)
     fields = {"in_size": size, "in_channels": as_int("sparse: channels", args["channels"], loc, 1)}
     for key, minimum in (("kernel", 1), ("stride", 1), ("padding", 0)):
-        value = args[key]
-        values = value if isinstance(value, list) else [value] * len(size)
-        if len(values) != len(size):
-            raise ShapeError(f"sparse: {key} must be an integer or {len(size)} integers (one per axis of local=), "
-                             f"got {len(values)}", loc)
-        fields[key] = tuple(as_int(f"sparse: {key}", v, loc, minimum) for v in values)
+        fields[key] = as_ints(f"sparse: {key}", args[key], loc, minimum, len(size))
     return _sparsity(loc, kind="local", **fields)
 
 

@@ -96,11 +96,15 @@ def as_tensor(what: str, value: Any, loc: SourceLoc | None) -> Tensor:
     return value
 
 
-def as_pair(what: str, value: Any, loc: SourceLoc | None, minimum: int = 0) -> tuple[int, int]:
-    """An int or a list of two ints (kernel sizes, strides, paddings)."""
+def as_ints(what: str, value: Any, loc: SourceLoc | None, minimum: int = 0, count: int = 2) -> tuple[int, ...]:
+    """An int (the same on every axis) or a list of ``count`` ints (kernel sizes, strides, paddings)."""
     if isinstance(value, (list, tuple)):
-        if len(value) != 2:
-            raise ShapeError(f"{what} must be an integer or a list of two integers, got {len(value)} values", loc)
-        return (as_int(what, value[0], loc, minimum), as_int(what, value[1], loc, minimum))
-    number = as_int(what, value, loc, minimum)
-    return (number, number)
+        if len(value) != count:
+            raise ShapeError(f"{what} must be an integer or a list of {count} integers, got {len(value)} values", loc)
+        return tuple(as_int(what, v, loc, minimum) for v in value)
+    return (as_int(what, value, loc, minimum),) * count
+
+
+def as_pair(what: str, value: Any, loc: SourceLoc | None, minimum: int = 0) -> tuple[int, int]:
+    """An int or a list of two ints."""
+    return as_ints(what, value, loc, minimum, 2)

@@ -266,7 +266,7 @@ ERROR_CASES = [
     ("layer-same-stride", M + X4 + "  h = LocallyConnected2d(x, 4, 3, stride=2, padding=\"same\")\n  output h\n}\n",
      ShapeError, 3, 7, "LocallyConnected2d: padding=\"same\" needs stride=1"),
     ("layer-same-even", M + X4 + "  h = LocallyConnected2d(x, 4, 2, padding=\"same\")\n  output h\n}\n",
-     ShapeError, 3, 7, "LocallyConnected2d: padding=\"same\" needs an odd kernel size, got kernel [2, 2]"),
+     ShapeError, 3, 7, "LocallyConnected2d: padding=\"same\" needs an odd effective kernel size, got kernel 2"),
     ("layer-out-float", M + X4 + "  h = LocallyConnected2d(x, 2.5, 3)\n  output h\n}\n", ShapeError, 3, 7,
      "LocallyConnected2d: out must be an integer, got number 2.5"),
     ("layer-missing-kernel", M + X4 + "  h = LocallyConnected2d(x, 4)\n  output h\n}\n", ShapeError, 3, 7,
@@ -281,7 +281,7 @@ ERROR_CASES = [
     ("decl-missing-channels", M + "  param w: f32[9, 25] = normal() sparse(local=[5, 5], kernel=3)\n  output w\n}\n",
      ShapeError, 2, 34, "sparse: local= needs channels"),
     ("decl-kernel-rank", M + "  param w: f32[9, 25] sparse(local=[5, 5], channels=1, kernel=[3, 3, 3])\n  output w\n}\n",
-     ShapeError, 2, 23, "sparse: kernel must be an integer or 2 integers (one per axis of local=), got 3"),
+     ShapeError, 2, 23, "sparse: kernel must be an integer or a list of 2 integers, got 3 values"),
     ("decl-kernel-too-big", M + "  param w: f32[9, 25] sparse(local=[5, 5], channels=1, kernel=6)\n  output w\n}\n",
      ShapeError, 2, 23, "local sparsity: kernel [6, 6] is larger than the padded input [5, 5]"),
     ("decl-with-density", M + "  param w: f32[9, 25] sparse(local=[5, 5], channels=1, kernel=3, density=0.5)\n"
