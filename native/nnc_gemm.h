@@ -157,8 +157,8 @@ inline void packed_direct_b(bool transA, int M, int N, int K, const float* A, in
                     float* c = C + static_cast<long>(i) * ldc + jr;
                     const float* a = Ap + static_cast<long>(ir) * kc;
                     if (jr < whole) {
-                        kernel_12x32_avx512_direct_b(kc, a, B + static_cast<long>(pc) * ldb + jr, ldb, c, ldc, mv, nv,
-                                                     mode, ep, i, jr);
+                        kernel_12x32_rows<true>(kc, a, B + static_cast<long>(pc) * ldb + jr, c, ldc, mv, nv, mode,
+                                                ep, i, jr, ldb);
                     } else {
                         kernel_12x32_avx512(kc, a, Bedge, c, ldc, mv, nv, mode, ep, i, jr);
                     }
@@ -403,6 +403,33 @@ inline void sgemm_batched(int batch, bool transA, bool transB, int M, int N, int
     for (int b = 0; b < batch; ++b) {
         gemm::serial(transA, transB, M, N, K, A + b * strideA, lda, B + b * strideB, ldb, C + b * strideC, ldc, beta,
                      item(b));
+    }
+}
+
+// out[b, j, i] = x[b, i, j] for batch matrices of rows x cols: 32 x 32 tiles of 8 x 8 register
+// transposes (a strided copy reads a column at a time: a cache line per element once rows are 4 KiB
+// apart); on the threads when the tensor is large.
+inline void transpose_last_two(const float* x, int64_t batch, int64_t rows, int64_t cols, float* out) {
+    const int64_t row_tiles = (rows + 31) / 32;
+    const int threads = batch * rows * cols >= (1 << 15) ? usable_threads() : 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < batch * row_tiles; ++t) {
+        const int64_t i1 = t % row_tiles * 32;
+        const float* s = x + t / row_tiles * rows * cols;
+        float* d = out + t / row_tiles * rows * cols;
+        for (int64_t j1 = 0; j1 < cols; j1 += 32)
+            for (int64_t i0 = i1; i0 < i1 + 32 && i0 < rows; i0 += 8)
+                for (int64_t j0 = j1; j0 < j1 + 32 && j0 < cols; j0 += 8) {
+                    if (i0 + 8 <= rows && j0 + 8 <= cols) {
+                        __m256 r[8];
+                        for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(s + (i0 + q) * cols + j0);
+                        gemm::transpose8x8(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
+                        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(d + (j0 + q) * rows + i0, r[q]);
+                    } else {
+                        for (int64_t i = i0; i < i0 + 8 && i < rows; ++i)
+                            for (int64_t j = j0; j < j0 + 8 && j < cols; ++j) d[j * rows + i] = s[i * cols + j];
+                    }
+                }
     }
 }
 

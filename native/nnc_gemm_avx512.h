@@ -149,32 +149,27 @@ __attribute__((target("avx512f"), noinline)) inline void kernel_avx512(
     }
 }
 
-// kernel_12x32_avx512 reading B (not transposed, b_step floats per row) in place.
-inline void kernel_12x32_avx512_direct_b(int kc, const float* Ap, const float* B, long b_step, float* C, int ldc,
-                                         int m_valid, int n_valid, const StoreMode& mode, const Epilogue& ep, int i0,
-                                         int j0) {
+#pragma GCC diagnostic pop
+
+// The 12x32 kernel for a tile with m_valid rows: the 6- and 8-row variants for edge slivers with few
+// valid rows (M = 128 ends in an 8-row sliver: a third of its FMAs saved). kDirectB: B read in place,
+// b_step floats per row (packed_direct_b), else packed.
+template <bool kDirectB>
+inline void kernel_12x32_rows(int kc, const float* Ap, const float* Bp, float* C, int ldc, int m_valid, int n_valid,
+                              const StoreMode& mode, const Epilogue& ep, int i0, int j0, long b_step) {
     if (m_valid <= 6) {
-        kernel_avx512<6, true>(kc, Ap, B, C, ldc, m_valid, n_valid, mode, ep, i0, j0, b_step);
+        kernel_avx512<6, kDirectB>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0, b_step);
     } else if (m_valid <= 8) {
-        kernel_avx512<8, true>(kc, Ap, B, C, ldc, m_valid, n_valid, mode, ep, i0, j0, b_step);
+        kernel_avx512<8, kDirectB>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0, b_step);
     } else {
-        kernel_avx512<12, true>(kc, Ap, B, C, ldc, m_valid, n_valid, mode, ep, i0, j0, b_step);
+        kernel_avx512<12, kDirectB>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0, b_step);
     }
 }
 
-#pragma GCC diagnostic pop
-
-// The packed-path kernel: the 6- and 8-row variants for edge slivers with few valid rows (M = 128
-// ends in an 8-row sliver: a third of its FMAs saved).
+// The packed-path kernel (the signature packed_with calls).
 inline void kernel_12x32_avx512(int kc, const float* Ap, const float* Bp, float* C, int ldc, int m_valid,
                                 int n_valid, const StoreMode& mode, const Epilogue& ep, int i0, int j0) {
-    if (m_valid <= 6) {
-        kernel_avx512<6>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0);
-    } else if (m_valid <= 8) {
-        kernel_avx512<8>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0);
-    } else {
-        kernel_avx512<12>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0);
-    }
+    kernel_12x32_rows<false>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0, NR512);
 }
 
 }  // namespace gemm

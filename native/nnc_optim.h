@@ -50,17 +50,21 @@ inline void sgd_range(float* p, const float* g, float* buf, int64_t begin, int64
     }
 }
 
+// range(begin, end) over [0, n) in chunks of 16384 floats (64 KiB of each array), on the threads when n is large
+template <class Range>
+inline void chunked_sweep(int64_t n, const Range& range) {
+    constexpr int64_t kChunk = 16384;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t c = 0; c < chunks; ++c) range(c * kChunk, c * kChunk + kChunk < n ? c * kChunk + kChunk : n);
+}
+
 template <bool kDecay, bool kMomentum, bool kNesterov, bool kFirst>
 inline void sgd_sweep(float* p, const float* g, float* buf, int64_t n, float lr, float momentum, float dampening,
                       float weight_decay) {
-    constexpr int64_t kChunk = 16384;  // floats per work item (64 KiB of each array)
-    const int64_t chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) if (n > 65536)
-    for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t begin = c * kChunk;
-        const int64_t end = begin + kChunk < n ? begin + kChunk : n;
+    chunked_sweep(n, [&](int64_t begin, int64_t end) {
         sgd_range<kDecay, kMomentum, kNesterov, kFirst>(p, g, buf, begin, end, lr, momentum, dampening, weight_decay);
-    }
+    });
 }
 
 }  // namespace optim_detail
@@ -127,15 +131,10 @@ inline void adam_range(float* p, const float* g, float* m, float* v, int64_t beg
 template <bool kDecoupled, bool kDecay>
 inline void adam_sweep(float* p, const float* g, float* m, float* v, int64_t n, float beta1, float beta2, float eps,
                        float weight_decay, float decay, float bc2_sqrt, float step_size) {
-    constexpr int64_t kChunk = 16384;
-    const int64_t chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) if (n > 65536)
-    for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t begin = c * kChunk;
-        const int64_t end = begin + kChunk < n ? begin + kChunk : n;
+    chunked_sweep(n, [&](int64_t begin, int64_t end) {
         adam_range<kDecoupled, kDecay>(p, g, m, v, begin, end, beta1, beta2, eps, weight_decay, decay, bc2_sqrt,
                                        step_size);
-    }
+    });
 }
 
 }  // namespace optim_detail

@@ -11,8 +11,7 @@ import math
 import weakref
 
 from nncompile.codegen.cpp import CTYPES, CppContext, ctype
-from nncompile.codegen.cpp_loops import (PARALLEL_MIN, Operand, broadcast_strides, contiguous_strides, elementwise_loop,
-                                         strided_copy)
+from nncompile.codegen.cpp_loops import Operand, broadcast_strides, contiguous_strides, elementwise_loop, strided_copy
 from nncompile.errors import BuildError
 from nncompile.ir.graph import Node
 from nncompile.ops.base import broadcast_shapes, get_op, normalize_axis, set_rule
@@ -438,33 +437,10 @@ def emit_permute(ctx: CppContext, node: Node) -> str:
 
 
 def _transpose_last_two(ctx: CppContext, node: Node, src) -> str:
-    """out[b, j, i] = x[b, i, j]: 32 x 32 tiles of 8 x 8 register transposes (the generic strided copy
-    reads a column at a time: a cache line per element once rows are 4 KiB apart)."""
+    """out[b, j, i] = x[b, i, j] through ``nnc::transpose_last_two`` (8 x 8 register-transpose tiles)."""
     rows, cols = src.shape[-2], src.shape[-1]
-    batch = src.numel // (rows * cols)
-    x, out = ctx.ptr(node.inputs[0]), ctx.out
-    return "\n".join(line for line in [
-        f"#pragma omp parallel for schedule(static) if({src.numel} >= {PARALLEL_MIN})",
-        f"for (int64_t t_ = 0; t_ < {batch} * {-(-rows // 32)}; ++t_) {{",
-        f"  const int64_t b_ = t_ / {-(-rows // 32)}, i1_ = t_ % {-(-rows // 32)} * 32;",
-        f"  const float* s_ = {x} + b_ * {rows * cols};",
-        f"  float* d_ = {out} + b_ * {rows * cols};",
-        f"  for (int64_t j1_ = 0; j1_ < {cols}; j1_ += 32) {{",
-        f"    for (int64_t i0_ = i1_; i0_ < i1_ + 32 && i0_ < {rows}; i0_ += 8) {{",
-        f"      for (int64_t j0_ = j1_; j0_ < j1_ + 32 && j0_ < {cols}; j0_ += 8) {{",
-        f"        if (i0_ + 8 <= {rows} && j0_ + 8 <= {cols}) {{",
-        "          __m256 r_[8];",
-        f"          for (int q_ = 0; q_ < 8; ++q_) r_[q_] = _mm256_loadu_ps(s_ + (i0_ + q_) * {cols} + j0_);",
-        "          nnc::gemm::transpose8x8(r_[0], r_[1], r_[2], r_[3], r_[4], r_[5], r_[6], r_[7]);",
-        f"          for (int q_ = 0; q_ < 8; ++q_) _mm256_storeu_ps(d_ + (j0_ + q_) * {rows} + i0_, r_[q_]);",
-        "        } else {",
-        f"          for (int64_t i_ = i0_; i_ < i0_ + 8 && i_ < {rows}; ++i_)",
-        f"            for (int64_t j_ = j0_; j_ < j0_ + 8 && j_ < {cols}; ++j_) d_[j_ * {rows} + i_] = s_[i_ * {cols} + j_];",
-        "        }",
-        "      }",
-        "    }",
-        "  }",
-        "}"] if line)
+    return (f"nnc::transpose_last_two({ctx.ptr(node.inputs[0])}, {src.numel // (rows * cols)}, {rows}, {cols}, "
+            f"{ctx.out});")
 
 
 def emit_slice(ctx: CppContext, node: Node) -> str:
