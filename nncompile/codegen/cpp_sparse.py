@@ -238,7 +238,8 @@ def sparse_linear_call(ctx, args: list[str], out_ptr: str, epi: str) -> list[str
     csr = csr_pattern(w.sparsity, (n, k))
     timing = os.environ.get("NNC_SPARSE_TIMING", "") not in ("", "0")
     kernels = timing_kernels(w.sparsity, (n, k), m) if timing and m else None
-    persistent = getattr(ctx.emitter, "packed_values", False) or os.environ.get("NNC_SPARSE_VALUES") == "baked"
+    frozen = ctx.emitter.graph.weights.get(args[1]) if os.environ.get("NNC_SPARSE_VALUES") == "baked" else None
+    persistent = getattr(ctx.emitter, "packed_values", False) or frozen is not None
     decision = choose(m, n, k, csr.nnz, timing=timing, kernels=kernels, packed=persistent)
     if os.environ.get("NNC_SPARSE_KERNEL") == "unrolled":
         decision.update(kernel="sparse", why="forced by NNC_SPARSE_KERNEL=unrolled")
@@ -249,7 +250,6 @@ def sparse_linear_call(ctx, args: list[str], out_ptr: str, epi: str) -> list[str
         return [comment]
     ptrs = [ctx.ptr(a) for a in args]
     lines = [comment, "{"] + ["    " + line for line in pattern_decl(w.sparsity, (n, k))]
-    frozen = ctx.emitter.graph.weights.get(args[1]) if os.environ.get("NNC_SPARSE_VALUES") == "baked" else None
     if frozen is not None:
         # opt-in: the values too are baked (frozen weights; later weight updates are NOT seen)
         values = np.asarray(frozen, np.float32).reshape(-1)[csr.order]
