@@ -45,7 +45,8 @@ struct Pattern {
     const int32_t* gstart;  // [n_groups + 1], or nullptr: every row its own group
     int kb = 0;             // columns per K block (0: one block); rowptr has n_kblocks() * rows + 1 entries,
                             // entry b * rows + n starting row n's nonzeros in columns [b * kb, (b + 1) * kb)
-    const float* values = nullptr;  // [nnz] packed W values in the cols order (frozen weights), or nullptr: read W
+    const float* values = nullptr;  // [nnz] W's values packed in the cols order (the module's persistent
+                                    // packed region, or baked frozen values), or nullptr: read W
     int n_kblocks() const { return kb > 0 ? (k + kb - 1) / kb : 1; }
     int block_cols() const { return kb > 0 ? kb : k; }
 };
