@@ -9,6 +9,7 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
 #include <cstdlib>
 
 #include "nnc_gemm_kernels.h"
@@ -26,6 +27,15 @@ namespace gemm {
 constexpr int MR512 = 12;
 constexpr int NR512 = 32;
 
+// Cache lines for a micro-kernel call to prefetch: `rows` rows of row_bytes bytes each, `stride`
+// bytes apart, from `first` on (none when rows == 0).
+struct LinePrefetch {
+    const char* first = nullptr;
+    long stride = 0;
+    int rows = 0;
+    int row_bytes = 0;
+};
+
 // GCC 12 warns about _mm512_undefined_ps() inside its own AVX-512 intrinsics (false positive).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -36,10 +46,13 @@ constexpr int NR512 = 32;
 // fewer FMAs).
 // kDirectB: Bp is op(B) itself, not transposed, rows b_step floats apart (the unpacked path of
 // packed_direct_b below); its 32 columns are read in place, the rows 8 ahead prefetched.
+// pf: lines of a later operand (the next B sliver's source) prefetched one per k step, so their
+// DRAM reads overlap this tile's FMAs (see gemm::packed_slivers).
 template <int ROWS, bool kDirectB = false>
 __attribute__((target("avx512f"), noinline)) inline void kernel_avx512(
     int kc, const float* __restrict Ap, const float* __restrict Bp, float* C, int ldc, int m_valid, int n_valid,
-    const StoreMode& mode, const Epilogue& ep, int i0, int j0, long b_step = NR512) {
+    const StoreMode& mode, const Epilogue& ep, int i0, int j0, long b_step = NR512,
+    const LinePrefetch& pf = LinePrefetch()) {
     __m512 c0a = _mm512_setzero_ps(), c0b = _mm512_setzero_ps();
     __m512 c1a = _mm512_setzero_ps(), c1b = _mm512_setzero_ps();
     __m512 c2a = _mm512_setzero_ps(), c2b = _mm512_setzero_ps();
@@ -56,8 +69,23 @@ __attribute__((target("avx512f"), noinline)) inline void kernel_avx512(
         _mm_prefetch(reinterpret_cast<const char*>(C + static_cast<long>(i) * ldc), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(C + static_cast<long>(i) * ldc + 16), _MM_HINT_T0);
     }
+    // the prefetch walk: line by line along a row, then the next row
+    const char* pf_row = pf.first;
+    const char* pf_line = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(pf_row) & ~uintptr_t(63));
+    const char* pf_end = pf_row + pf.row_bytes;
+    int pf_rows = pf.rows;
 #pragma GCC unroll 4
     for (int k = 0; k < kc; ++k) {
+        if (pf_rows > 0) {
+            _mm_prefetch(pf_line, _MM_HINT_T0);
+            pf_line += 64;
+            if (pf_line >= pf_end) {
+                pf_row += pf.stride;
+                pf_line = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(pf_row) & ~uintptr_t(63));
+                pf_end = pf_row + pf.row_bytes;
+                --pf_rows;
+            }
+        }
         if (kDirectB) {
             _mm_prefetch(reinterpret_cast<const char*>(Bp + 8 * b_step), _MM_HINT_T0);
             _mm_prefetch(reinterpret_cast<const char*>(Bp + 8 * b_step + 16), _MM_HINT_T0);
@@ -157,13 +185,14 @@ __attribute__((target("avx512f"), noinline)) inline void kernel_avx512(
 // b_step floats per row (packed_direct_b), else packed.
 template <bool kDirectB>
 inline void kernel_12x32_rows(int kc, const float* Ap, const float* Bp, float* C, int ldc, int m_valid, int n_valid,
-                              const StoreMode& mode, const Epilogue& ep, int i0, int j0, long b_step) {
+                              const StoreMode& mode, const Epilogue& ep, int i0, int j0, long b_step,
+                              const LinePrefetch& pf = LinePrefetch()) {
     if (m_valid <= 6) {
-        kernel_avx512<6, kDirectB>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0, b_step);
+        kernel_avx512<6, kDirectB>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0, b_step, pf);
     } else if (m_valid <= 8) {
-        kernel_avx512<8, kDirectB>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0, b_step);
+        kernel_avx512<8, kDirectB>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0, b_step, pf);
     } else {
-        kernel_avx512<12, kDirectB>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0, b_step);
+        kernel_avx512<12, kDirectB>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0, b_step, pf);
     }
 }
 
