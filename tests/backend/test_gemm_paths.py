@@ -4,6 +4,8 @@
   (``gemm::packed_direct_b``, edge slivers packed) and where it packs B, and the 8-row edge kernel
   (M = 12 q + 7..8): hypothesis shapes with edges (M, N, K not multiples of the 12 x 32 tile, K from 1,
   padded leading dimensions, op(A) transposed), every epilogue piece, against float64 numpy.
+* ``nnc::sgemm`` with one block of rows (M <= MC), B packed a sliver at a time with the next sliver
+  prefetched (``gemm::packed_slivers``): both transpose flags, several K blocks, both ISA paths, 1-2 threads.
 * ``nnc::sgd_update`` / ``nnc::adam_update`` (vectorized, every flag combination) against the torch.optim
   formulas in float64.
 * Code generation: a 2-D transpose read by matmuls is folded into the GEMM's transposed flag (no copy
@@ -86,6 +88,29 @@ def test_b_in_place_several_k_blocks(nat, threads):
         for M, N, K in [(128, 1000, 300), (61, 101, 77), (130, 70, 50), (200, 300, 129)]:
             _check(nat, rng, M, N, K, False, 1, 0.5, 1.0, True, True, "relu", True)
             _check(nat, rng, M, N, K, True, 0, 0.0, 0.5, True, False, "none", False)
+    finally:
+        nat.set_blocking(144, 512, 4080)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(M=st.one_of(st.integers(5, 144), st.sampled_from([12, 128, 140, 144])), N=cols,
+       K=st.one_of(st.integers(1, 200), st.sampled_from([1, 8, 9, 64, 129])), ta=st.booleans(), tb=st.booleans(),
+       kc=st.sampled_from([512, 64, 24]), avx512=st.booleans(), threads=st.sampled_from([1, 2]),
+       pad=st.sampled_from([0, 3]), beta=st.sampled_from([0.0, 1.0]), use_col=st.booleans(), use_row=st.booleans(),
+       act=st.sampled_from(["none", "relu", "gelu_tanh"]), use_res=st.booleans(), seed=st.integers(0, 2**31))
+def test_one_row_block_b_packed_by_sliver(nat, M, N, K, ta, tb, kc, avx512, threads, pad, beta, use_col, use_row,
+                                          act, use_res, seed):
+    """M <= MC: B packed one sliver at a time with the next sliver's source prefetched
+    (gemm::packed_slivers), across K blocks (small KC) and column edges; the AVX2 path alike."""
+    if avx512 and not nat.has_avx512():
+        pytest.skip("CPU has no AVX-512F")
+    nat.set_avx512(avx512)
+    nat.set_threads(threads)
+    nat.set_direct_b_rows(0)
+    nat.set_blocking(144, kc, 4080)
+    try:
+        native_harness.run_sgemm(nat, np.random.default_rng(seed), M, N, K, ta, tb, pad, beta, 0.5 if ta else 1.0,
+                                 use_col, use_row, act, use_res)
     finally:
         nat.set_blocking(144, 512, 4080)
 
