@@ -140,9 +140,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--base", default=None, help="git revision whose native/ headers to time alongside")
+    parser.add_argument("--headers", action="append", default=[], metavar="NAME=DIR",
+                        help="also time a folder of nnc_*.h headers (e.g. an experiment), as NAME")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         exes = {"current": build(REPO / "native", Path(tmp) / "current")}
+        for spec in args.headers:
+            name, folder = spec.split("=", 1)
+            exes[name] = build(Path(folder), Path(tmp) / f"headers_{len(exes)}")
         if args.base:
             exes[args.base] = build(base_headers(args.base, Path(tmp) / "base"), Path(tmp) / "base_exe")
         samples = {name: [] for name in exes}

@@ -163,8 +163,8 @@ __attribute__((target("avx512f"), noinline)) inline void kernel_avx512(
             }
             _mm512_storeu_ps(c, x0);
             _mm512_storeu_ps(c + 16, x1);
-            if (mode.finalize && ep.tail) ep.tail(ep.tail_ctx, c, NR512);
         }
+        if (mode.finalize && ep.tail) ep.tail(ep.tail_ctx, C, ldc, ROWS, NR512);
         return;
     }
     // Edge tiles and the other activations: the shared AVX2 store path.
@@ -198,8 +198,9 @@ inline void kernel_12x32_rows(int kc, const float* Ap, const float* Bp, float* C
 
 // The packed-path kernel (the signature packed_with calls).
 inline void kernel_12x32_avx512(int kc, const float* Ap, const float* Bp, float* C, int ldc, int m_valid,
-                                int n_valid, const StoreMode& mode, const Epilogue& ep, int i0, int j0) {
-    kernel_12x32_rows<false>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0, NR512);
+                                int n_valid, const StoreMode& mode, const Epilogue& ep, int i0, int j0,
+                                const LinePrefetch& pf = LinePrefetch()) {
+    kernel_12x32_rows<false>(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0, NR512, pf);
 }
 
 }  // namespace gemm
