@@ -164,7 +164,6 @@ __attribute__((target("avx512f"), noinline)) inline void kernel_avx512(
             _mm512_storeu_ps(c, x0);
             _mm512_storeu_ps(c + 16, x1);
         }
-        if (mode.finalize && ep.tail) ep.tail(ep.tail_ctx, C, ldc, ROWS, NR512);
         return;
     }
     // Edge tiles and the other activations: the shared AVX2 store path.

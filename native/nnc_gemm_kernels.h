@@ -23,13 +23,6 @@ namespace nnc {
 // beta == 0 never reads C (it may hold garbage / NaN). Null pointers mean "absent". The epilogue
 // inputs (biases, residual) must not overlap C: C holds partial sums between K blocks. For an
 // in-place "C += A @ B" use beta = 1 instead of a residual.
-//
-// tail: an elementwise function the generated code fuses after all of that (e.g. a GELU or ReLU
-// derivative mask in a backward pass), called on each finished run of one row of C while it is in
-// L1: tail(tail_ctx, &C[i, j], n) for n <= 32 consecutive columns. It finds (i, j) from the pointer
-// and runs once per element of C, on any thread, in any order.
-using TailFn = void (*)(const void* ctx, float* c, int n);
-
 struct Epilogue {
     const float* col_bias = nullptr;  // [N]
     const float* row_bias = nullptr;  // [M]
@@ -38,8 +31,6 @@ struct Epilogue {
     int ldr = 0;
     float alpha = 1.f;
     long long residual_batch_stride = 0;  // sgemm_batched only: residual offset per batch item
-    TailFn tail = nullptr;
-    const void* tail_ctx = nullptr;
 };
 
 namespace gemm {
@@ -103,7 +94,6 @@ inline void store_row(const __m256* acc, float* c, int i, int j0, int n_valid, c
             _mm256_maskstore_ps(cp, mask, x);
         }
     }
-    if (mode.finalize && ep.tail) ep.tail(ep.tail_ctx, c, std::min(n_valid, 8 * NV));
 }
 
 // ---------------------------------------------------------------------------------------------
