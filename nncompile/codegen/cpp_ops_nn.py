@@ -347,42 +347,38 @@ def emit_embedding(ctx: CppContext, node: Node) -> str:
         f"if (bad_) status_ = {ctx.emitter.error_code(node)};"])
 
 
-def sdpa_workspace(q_shape, k_shape) -> int:
-    return 4 * q_shape[-2] * k_shape[-2]
+def _attention_dims(ctx: CppContext, node: Node) -> tuple[int, int, int, int, int]:
+    """(batch, Lq, Lk, D, Dv) of an attention node's q, k, v; the C++ kernels need as many batch items in
+    each (no broadcasting)."""
+    q, k, v = (ctx.type(n) for n in node.inputs[:3])
+    length, d, keys, dv = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
+    if not math.prod(q.shape[:-2]) == math.prod(k.shape[:-2]) == math.prod(v.shape[:-2]):
+        raise BuildError(f"{node.op}: the C++ backend needs q, k and v with the same batch dimensions", node.loc)
+    return math.prod(q.shape[:-2]), length, keys, d, dv
+
+
+def _attention_scale(node: Node, d: int) -> str:
+    return f(node.attrs["scale"] if node.attrs["scale"] is not None else 1.0 / math.sqrt(d))
 
 
 def emit_sdpa(ctx: CppContext, node: Node) -> str:
     _f32(ctx, node, node.inputs)
-    q, k, v = (ctx.type(n) for n in node.inputs)
-    length, d = q.shape[-2], q.shape[-1]
-    s, dv = k.shape[-2], v.shape[-1]
-    batch = q.numel // (length * d)
-    if k.numel // (s * d) != batch or v.numel // (s * dv) != batch:
-        raise BuildError("sdpa: the C++ backend needs q, k and v with the same batch dimensions", node.loc)
-    scale = node.attrs["scale"] if node.attrs["scale"] is not None else 1.0 / math.sqrt(d)
-    causal = node.attrs["causal"]
+    batch, length, keys, d, dv = _attention_dims(ctx, node)
     qp, kp, vp = (ctx.ptr(n) for n in node.inputs)
-    return "\n".join([
-        "nnc::Epilogue none_;",
-        f"none_.alpha = {f(scale)};",
-        "float* sc_ = (float*)" + ctx.work() + ";",
-        f"for (int64_t b_ = 0; b_ < {batch}; ++b_) {{",
-        f"  nnc::sgemm(false, true, {length}, {s}, {d}, {qp} + b_ * {length * d}, {d}, {kp} + b_ * {s * d}, {d}, sc_, {s}, 0.0f, none_);",
-        f"  {_omp(length * s)}",
-        f"  for (int64_t i_ = 0; i_ < {length}; ++i_) {{",
-        f"    float* row_ = sc_ + i_ * {s};",
-        f"    const int64_t valid_ = {'std::min<int64_t>(i_ + 1, ' + str(s) + ')' if causal else str(s)};",
-        "    float m_ = -INFINITY;",
-        "    for (int64_t j_ = 0; j_ < valid_; ++j_) m_ = std::max(m_, row_[j_]);",
-        "    float sum_ = 0.0f;",
-        "    for (int64_t j_ = 0; j_ < valid_; ++j_) { row_[j_] = nnc::exp_scalar(row_[j_] - m_); sum_ += row_[j_]; }",
-        "    const float inv_ = 1.0f / sum_;",
-        "    for (int64_t j_ = 0; j_ < valid_; ++j_) row_[j_] *= inv_;",
-        f"    for (int64_t j_ = valid_; j_ < {s}; ++j_) row_[j_] = 0.0f;",
-        "  }",
-        "  nnc::Epilogue plain_;",
-        f"  nnc::sgemm(false, false, {length}, {dv}, {s}, sc_, {s}, {vp} + b_ * {s * dv}, {dv}, {ctx.out} + b_ * {length * dv}, {dv}, 0.0f, plain_);",
-        "}"])
+    causal = "true" if node.attrs["causal"] else "false"
+    return (f"nnc::attention({qp}, {kp}, {vp}, {ctx.out}, {batch}, {length}, {keys}, {d}, {dv}, "
+            f"{_attention_scale(node, d)}, {causal});")
+
+
+def emit_sdpa_grad(ctx: CppContext, node: Node) -> str:
+    _f32(ctx, node, node.inputs)
+    batch, length, keys, d, dv = _attention_dims(ctx, node)
+    qp, kp, vp, gp = (ctx.ptr(n) for n in node.inputs)
+    causal = "true" if node.attrs["causal"] else "false"
+    # the output packs [dq, dk, dv] flat
+    dq, dk, dvp = ctx.out, f"{ctx.out} + {batch * length * d}", f"{ctx.out} + {batch * (length + keys) * d}"
+    return (f"nnc::attention_backward({qp}, {kp}, {vp}, {gp}, {dq}, {dk}, {dvp}, {batch}, {length}, {keys}, {d}, "
+            f"{dv}, {_attention_scale(node, d)}, {causal});")
 
 
 def emit_cross_entropy_grad(ctx: CppContext, node: Node) -> str:
@@ -498,8 +494,6 @@ def workspace_bytes(graph, node: Node) -> int:
             out = (x[0], w[0]) + tuple(node.type.shape[2:])
             return conv_workspace(None, attrs, x, w, out)
         return 0
-    if node.op == "sdpa":
-        return sdpa_workspace(graph.type_of(node.inputs[0]).shape, graph.type_of(node.inputs[1]).shape)
     return 0
 
 
@@ -522,3 +516,4 @@ def register() -> None:
     set_rule("embedding_grad", "emit_cpp", emit_embedding_grad)
     set_rule("slice_scatter", "emit_cpp", emit_slice_scatter)
     set_rule("sdpa_probs", "emit_cpp", emit_sdpa_probs)
+    set_rule("sdpa_grad", "emit_cpp", emit_sdpa_grad)

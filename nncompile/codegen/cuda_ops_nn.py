@@ -4,8 +4,8 @@ softmax, reductions, losses, embedding and attention.
 Row-wise ops (softmax, layer norm, a reduction's output element, a batch-norm channel, an attention
 query row) run one thread block per row with block reductions (``nnc::cuda::block_sum``/``block_max``);
 the losses reduce in one block, in a fixed order, so they are deterministic. The scatter-adds of
-``embedding_grad`` and the pooling gradients use atomics (their summation order may vary between
-runs). Nothing here needs arena scratch (``workspace_bytes`` is 0 for every op).
+``embedding_grad``, the pooling gradients and the key/value gradients of ``sdpa_grad`` use atomics
+(their summation order may vary between runs). Nothing here needs arena scratch (``workspace_bytes`` is 0 for every op).
 """
 from __future__ import annotations
 
@@ -427,6 +427,77 @@ def emit_sdpa_probs(ctx: CudaContext, node: Node) -> str:
     return _attention_rows(ctx, node, write_probs=True)
 
 
+def emit_sdpa_grad(ctx: CudaContext, node: Node) -> str:
+    """One block per query row: the row's probabilities p and dS = p * (dP - rowsum(dP * p)) * scale in shared
+    memory, dq of the row directly, dk += dS^T q and dv += p^T dO by atomics (zeroed first)."""
+    _require_f32(ctx, node.op, node.inputs)
+    q, k, v = (ctx.type(n) for n in node.inputs[:3])
+    length, d, s, dv = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
+    batch = q.numel // (length * d)
+    if k.numel // (s * d) != batch or v.numel // (s * dv) != batch:
+        raise BuildError(f"{node.op}: the CUDA backend needs q, k and v with the same batch dimensions", node.loc)
+    shared = 4 * (2 * s + d + dv)
+    if shared > SDPA_MAX_SHARED:
+        raise BuildError(f"{node.op}: the CUDA backend keeps a query row's probabilities and their gradients in "
+                         f"shared memory and supports up to {(SDPA_MAX_SHARED // 4 - d - dv) // 2} keys, got {s}",
+                         node.loc)
+    scale = f(node.attrs["scale"] if node.attrs["scale"] is not None else 1.0 / math.sqrt(d))
+    qp, kp, vp, gp = (ctx.ptr(n) for n in node.inputs)
+    out = ctx.out
+    dk, dvp = f"{out} + {batch * length * d}LL", f"{out} + {batch * (length + s) * d}LL"
+    valid = f"min(i_ + 1, {s}LL)" if node.attrs["causal"] else f"{s}LL"
+    lines = [
+        "NNC_DYNAMIC_SHARED(float, smem_);",
+        f"float* p_ = smem_; float* ds_ = smem_ + {s}; float* qs_ = smem_ + {2 * s}; float* gs_ = qs_ + {d};",
+        f"const long long b_ = r_ / {length}, i_ = r_ % {length};",
+        f"const float* kb_ = {kp} + b_ * {s * d}LL;",
+        f"const float* vb_ = {vp} + b_ * {s * dv}LL;",
+        f"float* dkb_ = {dk} + b_ * {s * d}LL;",
+        f"float* dvb_ = {dvp} + b_ * {s * dv}LL;",
+        "__syncthreads();",
+        f"for (int t_ = threadIdx.x; t_ < {d}; t_ += blockDim.x) qs_[t_] = {qp}[r_ * {d}LL + t_];",
+        f"for (int t_ = threadIdx.x; t_ < {dv}; t_ += blockDim.x) gs_[t_] = {gp}[r_ * {dv}LL + t_];",
+        "__syncthreads();",
+        f"const long long valid_ = {valid};",
+        "float m_ = -INFINITY;",
+        "for (long long j_ = threadIdx.x; j_ < valid_; j_ += blockDim.x) {",
+        f"    const float* krow_ = kb_ + j_ * {d};",
+        f"    const float* vrow_ = vb_ + j_ * {dv};",
+        "    float dot_ = 0.0f, dp_ = 0.0f;",
+        f"    for (int t_ = 0; t_ < {d}; ++t_) dot_ = fmaf(qs_[t_], krow_[t_], dot_);",
+        f"    for (int t_ = 0; t_ < {dv}; ++t_) dp_ = fmaf(gs_[t_], vrow_[t_], dp_);",
+        f"    dot_ *= {scale};",
+        "    p_[j_] = dot_; ds_[j_] = dp_; m_ = nnc::cuda::fmax_nan(m_, dot_);",
+        "}",
+        "m_ = nnc::cuda::block_max(m_);",
+        "float s_ = 0.0f;",
+        "for (long long j_ = threadIdx.x; j_ < valid_; j_ += blockDim.x) { const float e_ = expf(p_[j_] - m_); p_[j_] = e_; s_ += e_; }",
+        "const float inv_ = 1.0f / nnc::cuda::block_sum(s_);",
+        "float dot_ = 0.0f;",
+        "for (long long j_ = threadIdx.x; j_ < valid_; j_ += blockDim.x) { p_[j_] *= inv_; dot_ += p_[j_] * ds_[j_]; }",
+        "const float delta_ = nnc::cuda::block_sum(dot_);",
+        f"for (long long j_ = threadIdx.x; j_ < valid_; j_ += blockDim.x) ds_[j_] = p_[j_] * (ds_[j_] - delta_) * {scale};",
+        "__syncthreads();",
+        f"for (int t_ = threadIdx.x; t_ < {d}; t_ += blockDim.x) {{",
+        "    float acc_ = 0.0f;",
+        f"    for (long long j_ = 0; j_ < valid_; ++j_) acc_ = fmaf(ds_[j_], kb_[j_ * {d} + t_], acc_);",
+        f"    {out}[r_ * {d}LL + t_] = acc_;",
+        "}",
+        f"for (long long e_ = threadIdx.x; e_ < valid_ * {d}; e_ += blockDim.x) {{",
+        f"    const long long j_ = e_ / {d}, t_ = e_ % {d};",
+        "    atomicAdd(dkb_ + e_, ds_[j_] * qs_[t_]);",
+        "}",
+        f"for (long long e_ = threadIdx.x; e_ < valid_ * {dv}; e_ += blockDim.x) {{",
+        f"    const long long j_ = e_ / {dv}, t_ = e_ % {dv};",
+        "    atomicAdd(dvb_ + e_, p_[j_] * gs_[t_]);",
+        "}",
+        "__syncthreads();"]
+    rows = batch * length
+    return "\n".join([f"cudaMemsetAsync({dk}, 0, {4 * batch * s * (d + dv)}, stream_);",
+                      ctx.kernel(_rows_loop(rows, lines), [node.name, *node.inputs], _row_grid(rows), 128,
+                                 shared=shared)])
+
+
 def workspace_bytes(graph, node: Node) -> int:
     """Arena scratch of the CUDA kernels: none (implicit-GEMM convolution, attention in shared memory)."""
     return 0
@@ -456,6 +527,7 @@ def register() -> None:
     set_rule("embedding_grad", "emit_cuda", emit_embedding_grad)
     set_rule("sdpa", "emit_cuda", emit_sdpa)
     set_rule("sdpa_probs", "emit_cuda", emit_sdpa_probs)
+    set_rule("sdpa_grad", "emit_cuda", emit_sdpa_grad)
 
 
 _registered = False

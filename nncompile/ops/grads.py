@@ -384,17 +384,18 @@ def vjp_embedding(ctx, node, g, ids, weight):
 
 
 def vjp_sdpa(ctx, node, g, q, k, v):
-    causal, scale = node.attrs["causal"], node.attrs["scale"]
-    s = scale if scale is not None else 1.0 / math.sqrt(ctx.type(q).shape[-1])
-    p = ctx.op("sdpa_probs", [q, k], causal=causal, scale=scale)
-    gv = ctx.op("matmul", [_swap_last(ctx, p), g])
-    gp = ctx.op("matmul", [g, _swap_last(ctx, v)])
-    dot = ctx.op("sum", [ctx.op("mul", [gp, p])], axes=(-1,), keepdim=True)
-    gs = ctx.op("scale", [ctx.op("mul", [p, ctx.op("sub", [gp, dot])])], factor=s)
-    gq = ctx.op("matmul", [gs, k])
-    gk = ctx.op("matmul", [_swap_last(ctx, gs), q])
-    return (ctx.unbroadcast(gq, ctx.type(q).shape), ctx.unbroadcast(gk, ctx.type(k).shape),
-            ctx.unbroadcast(gv, ctx.type(v).shape))
+    """One fused ``sdpa_grad`` (it recomputes the attention weights) packs dq, dk, dv flat over the broadcast
+    batch; each is a slice of it, reshaped and summed back to its input's shape."""
+    packed = ctx.op("sdpa_grad", [q, k, v, g], causal=node.attrs["causal"], scale=node.attrs["scale"])
+    batch = ctx.type(g).shape[:-2]
+    grads, start = [], 0
+    for x in (q, k, v):
+        shape = batch + ctx.type(x).shape[-2:]
+        end = start + math.prod(shape)
+        part = ctx.op("reshape", [ctx.op("slice", [packed], axis=0, start=start, end=end)], shape=shape)
+        grads.append(ctx.unbroadcast(part, ctx.type(x).shape))
+        start = end
+    return tuple(grads)
 
 
 def vjp_global_avg_pool(ctx, node, g, x):

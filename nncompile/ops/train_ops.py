@@ -1,6 +1,6 @@
 """Ops that training graphs need besides the forward ops: comparisons, constants, and the backward
 pieces that are not worth composing from other ops (cross-entropy gradient, embedding scatter-add,
-slice scatter, attention probabilities)."""
+slice scatter, attention probabilities and the fused attention gradient)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import numpy as np
 from nncompile.errors import ShapeError
 from nncompile.ir.types import DTYPES, INT_DTYPES, TensorType, numpy_dtype
 from nncompile.ops.base import REQUIRED, Cost, broadcast_shapes, defop, elementwise_cost, normalize_axis, require_float
-from nncompile.ops.validate import as_choice, as_float, as_int
+from nncompile.ops.validate import as_bool, as_choice, as_float, as_int, normalizer, optional_float
 
 
 def _compare_infer(op):
@@ -139,3 +139,48 @@ def _probs_ref(q, k, causal, scale):
 defop("sdpa_probs", inputs=("q", "k"), attrs={"causal": False, "scale": None}, infer=_probs_infer, ref=_probs_ref,
       cost=lambda out, q, k, **a: Cost(2 * out.numel * q.shape[-1] + 5 * out.numel, q.nbytes + k.nbytes, out.nbytes),
       family="attention", doc="the attention weights softmax(q k^T * scale [+ causal mask]) (used by the sdpa gradient)")
+
+
+def _sdpa_grad_parts(q, k, v):
+    """Shapes of the three gradients packed in sdpa_grad's output: dq, dk, dv over the broadcast batch."""
+    batch = broadcast_shapes("sdpa_grad", q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    return batch + q.shape[-2:], batch + k.shape[-2:], batch + v.shape[-2:]
+
+
+def _sdpa_grad_infer(q, k, v, grad, causal, scale):
+    require_float("sdpa_grad", q, k, v, grad)
+    if min(q.rank, k.rank, v.rank) < 2 or q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ShapeError(f"sdpa_grad: q {q}, k {k} and v {v} do not fit")
+    if not q.dtype == k.dtype == v.dtype == grad.dtype:
+        raise ShapeError(f"sdpa_grad: q, k, v and grad have different dtypes ({q}, {k}, {v}, {grad})")
+    dq, dk, dv = _sdpa_grad_parts(q, k, v)
+    if grad.shape != dq[:-1] + (v.shape[-1],):
+        raise ShapeError(f"sdpa_grad: grad {grad} does not match the attention output {list(dq[:-1] + (v.shape[-1],))}")
+    return TensorType((math.prod(dq) + math.prod(dk) + math.prod(dv),), q.dtype)
+
+
+def _sdpa_grad_ref(q, k, v, grad, causal, scale):
+    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    dq_shape, dk_shape, dv_shape = _sdpa_grad_parts(q, k, v)
+    q, k, v = np.broadcast_to(q, dq_shape), np.broadcast_to(k, dk_shape), np.broadcast_to(v, dv_shape)
+    p = _probs_ref(q, k, causal, scale)
+    dv = np.matmul(np.swapaxes(p, -1, -2), grad)
+    dp = np.matmul(grad, np.swapaxes(v, -1, -2))
+    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * s
+    dq = np.matmul(ds, k)
+    dk = np.matmul(np.swapaxes(ds, -1, -2), q)
+    return np.concatenate([dq.ravel(), dk.ravel(), dv.ravel()]).astype(q.dtype)
+
+
+def _sdpa_grad_cost(out, q, k, v, grad, **attrs):
+    length, d, keys, dv = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
+    batch = grad.numel // (length * dv) if grad.numel else 0
+    flops = batch * (2 * length * keys * (3 * d + 2 * dv) + 10 * length * keys)
+    return Cost(flops, q.nbytes + k.nbytes + v.nbytes + grad.nbytes, out.nbytes)
+
+
+defop("sdpa_grad", inputs=("q", "k", "v", "grad"), attrs={"causal": False, "scale": None}, infer=_sdpa_grad_infer,
+      ref=_sdpa_grad_ref, cost=_sdpa_grad_cost, normalize=normalizer("sdpa_grad", causal=as_bool, scale=optional_float),
+      family="attention",
+      doc="the gradients of sdpa(q, k, v) for the output gradient grad, flattened and packed as [dq, dk, dv] "
+          "(each over the broadcast batch dimensions)")
