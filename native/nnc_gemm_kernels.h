@@ -126,23 +126,27 @@ inline void transpose8x8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256&
 template <int MRt>
 inline void pack_a(bool transA, int mc, int kc, const float* A, int lda, float* Ap) {
     static_assert(MRt == 6 || MRt == 12, "pack_a supports 6- and 12-row slivers");
+    if (transA) {
+        // k outermost: each k reads one contiguous run of mc floats and deals it out to the slivers
+        // (sliver by sliver, each k read 48 bytes lda floats apart, past the hardware prefetchers'
+        // reach). 1 thread: 1024x256x1024 5.5-5.6 -> 5.24-5.34 ms, 1024x1024x128 2.69 -> 2.61 ms.
+        const int whole = mc / MRt * MRt;
+        for (int k = 0; k < kc; ++k) {
+            const float* src = A + static_cast<long>(k) * lda;
+            float* d = Ap + k * MRt;
+            for (int i0 = 0; i0 < whole; i0 += MRt) std::memcpy(d + static_cast<long>(i0) * kc, src + i0, sizeof(float) * MRt);
+            if (whole < mc) {
+                float* e = d + static_cast<long>(whole) * kc;
+                int i = 0;
+                for (; i < mc - whole; ++i) e[i] = src[whole + i];
+                for (; i < MRt; ++i) e[i] = 0.0f;
+            }
+        }
+        return;
+    }
     for (int i0 = 0; i0 < mc; i0 += MRt) {
         const int rows = std::min(MRt, mc - i0);
         float* dst = Ap + static_cast<long>(i0) * kc;
-        if (transA) {
-            for (int k = 0; k < kc; ++k) {
-                const float* src = A + static_cast<long>(k) * lda + i0;
-                float* d = dst + k * MRt;
-                if (rows == MRt) {
-                    std::memcpy(d, src, sizeof(float) * MRt);  // fixed size: a few vector moves
-                    continue;
-                }
-                int i = 0;
-                for (; i < rows; ++i) d[i] = src[i];
-                for (; i < MRt; ++i) d[i] = 0.0f;
-            }
-            continue;
-        }
         if (rows < MRt) {
             for (int k = 0; k < kc; ++k) {
                 int i = 0;
