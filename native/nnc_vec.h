@@ -155,6 +155,27 @@ inline float row_exp_shift_sum(const float* x, float* y, long n, float shift) {
     return hsum_ps(s);
 }
 
+// sum(exp(x - shift)) over one row, two vectors per step (the exp polynomials of both overlap).
+inline float row_sum_exp_shift(const float* x, long n, float shift) {
+    const __m256 sh = _mm256_set1_ps(shift);
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_add_ps(s0, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh)));
+        s1 = _mm256_add_ps(s1, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), sh)));
+    }
+    if (i + 8 <= n) {
+        s0 = _mm256_add_ps(s0, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh)));
+        i += 8;
+    }
+    if (i < n) {
+        const __m256i m = tail_mask(static_cast<int>(n - i));
+        const __m256 e = exp_ps(_mm256_sub_ps(_mm256_maskload_ps(x + i, m), sh));
+        s1 = _mm256_add_ps(s1, _mm256_and_ps(e, _mm256_castsi256_ps(m)));
+    }
+    return hsum_ps(_mm256_add_ps(s0, s1));
+}
+
 // y = x * scale + shift over one row (y may alias x).
 inline void row_affine(const float* x, float* y, long n, float scale, float shift) {
     const __m256 s = _mm256_set1_ps(scale), t = _mm256_set1_ps(shift);

@@ -279,10 +279,12 @@ def emit_reduce(ctx: CppContext, node: Node) -> str:
 
 
 def _reduce_leading(ctx: CppContext, node: Node, rows: int, cols: int) -> str:
-    """sum / mean over the leading axes (e.g. a bias gradient, [rows, cols] -> [cols]): rows streamed in
-    order into a strip of double accumulators, so the inner loop runs along contiguous columns
-    (vectorized); each output adds its rows in the same order as the generic loop. Strips of up to 2048
-    columns (16 KiB of accumulators), so rows are read in long contiguous pieces."""
+    """sum / mean over the leading axes (e.g. a bias gradient, [rows, cols] -> [cols]): rows streamed
+    four at a time into a strip of double accumulators, so the inner loop runs along contiguous columns
+    (vectorized) and each accumulator is loaded and stored once per four rows (four read streams keep
+    the loads at about the L3 rate: 1024 x 1024 0.245 -> 0.103 ms, 1 thread); the four rows are added
+    in double before the accumulator, the leftover rows one at a time. Strips of up to 2048 columns
+    (16 KiB of accumulators), so rows are read in long contiguous pieces."""
     strip = min(2048, max(256, -(-cols // 2)))
     scale = f" / {rows}" if node.op == "mean" else ""
     return "\n".join(line for line in [
@@ -291,7 +293,13 @@ def _reduce_leading(ctx: CppContext, node: Node, rows: int, cols: int) -> str:
         f"  const int64_t w_ = {cols} - c0_ < {strip} ? {cols} - c0_ : {strip};",
         f"  double acc_[{strip}];",
         "  for (int64_t j_ = 0; j_ < w_; ++j_) acc_[j_] = 0.0;",
-        f"  for (int64_t r_ = 0; r_ < {rows}; ++r_) {{",
+        "  int64_t r_ = 0;",
+        f"  for (; r_ + 4 <= {rows}; r_ += 4) {{",
+        f"    const float* p_ = {ctx.ptr(node.inputs[0])} + r_ * {cols} + c0_;",
+        f"    for (int64_t j_ = 0; j_ < w_; ++j_) acc_[j_] += ((double)p_[j_] + (double)p_[j_ + {cols}]) + "
+        f"((double)p_[j_ + {2 * cols}] + (double)p_[j_ + {3 * cols}]);",
+        "  }",
+        f"  for (; r_ < {rows}; ++r_) {{",
         f"    const float* p_ = {ctx.ptr(node.inputs[0])} + r_ * {cols} + c0_;",
         "    for (int64_t j_ = 0; j_ < w_; ++j_) acc_[j_] += (double)p_[j_];",
         "  }",
@@ -310,10 +318,8 @@ def emit_cross_entropy(ctx: CppContext, node: Node) -> str:
         f"  const float* p_ = {ctx.ptr(node.inputs[0])} + r_ * {c};",
         f"  const int64_t y_ = (int64_t){ctx.ptr(node.inputs[1])}[r_];",
         f"  if (y_ < 0 || y_ >= {c}) {{ bad_ = 1; continue; }}",
-        "  float m_ = -INFINITY;",
-        f"  for (int64_t k_ = 0; k_ < {c}; ++k_) m_ = std::max(m_, p_[k_]);",
-        "  float s_ = 0.0f;",
-        f"  for (int64_t k_ = 0; k_ < {c}; ++k_) s_ += nnc::exp_scalar(p_[k_] - m_);",
+        f"  const float m_ = nnc::row_max(p_, {c});",
+        f"  const float s_ = nnc::row_sum_exp_shift(p_, {c}, m_);",
         "  total_ += (double)(m_ + nnc::log_scalar(s_) - p_[y_]);",
         "}",
         f"if (bad_) status_ = {ctx.emitter.error_code(node)};",
@@ -392,12 +398,9 @@ def emit_cross_entropy_grad(ctx: CppContext, node: Node) -> str:
         f"for (int64_t r_ = 0; r_ < {n}; ++r_) {{",
         f"  const float* p_ = {logits} + r_ * {c};",
         f"  float* q_ = {ctx.out} + r_ * {c};",
-        "  float m_ = -INFINITY;",
-        f"  for (int64_t k_ = 0; k_ < {c}; ++k_) m_ = std::max(m_, p_[k_]);",
-        "  float s_ = 0.0f;",
-        f"  for (int64_t k_ = 0; k_ < {c}; ++k_) {{ q_[k_] = nnc::exp_scalar(p_[k_] - m_); s_ += q_[k_]; }}",
-        "  const float inv_ = scale_ / s_;",
-        f"  for (int64_t k_ = 0; k_ < {c}; ++k_) q_[k_] *= inv_;",
+        f"  const float m_ = nnc::row_max(p_, {c});",
+        f"  const float s_ = nnc::row_exp_shift_sum(p_, q_, {c}, m_);",
+        f"  nnc::row_affine(q_, q_, {c}, scale_ / s_, 0.0f);",
         f"  const int64_t y_ = (int64_t){labels}[r_];",
         f"  if (y_ < 0 || y_ >= {c}) {{ bad_ = 1; continue; }}",
         "  q_[y_] -= scale_;",

@@ -1,0 +1,128 @@
+"""Generated C++ == the NumPy interpreter for the hand-vectorized kernel paths of the training step.
+
+Covers what the op zoo (test_codegen_ops.py) does not reach at sizes that exercise the vector bodies
+and their tails: sums / means over the leading axes (several rows per pass plus leftover rows, column
+strips with a short last strip), cross-entropy and its gradient (row max / exp-sum in 8- and 16-lane
+steps plus masked tails) and the GELU chains (forward and the autodiff derivative chain), which run
+on zmm registers when the CPU has AVX-512F. NNC_NO_AVX512 is read once per process, so the AVX2-only
+path is checked in a subprocess with it set.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nncompile.codegen import register_rules
+from nncompile.driver import compile_graph
+from nncompile.ir import GraphBuilder, TensorType, run
+
+pytestmark = pytest.mark.backend
+
+T = TensorType
+
+
+def gelu_derivative_chain(b, x, g):
+    """The chain the autodiff emits for d gelu(x) (erf form): g * (Phi(x) + x * phi(x))."""
+    cdf = b.op("scale", [b.op("add_scalar", [b.op("erf", [b.op("scale", [x], {"factor": 1 / math.sqrt(2.0)})])],
+                              {"value": 1.0})], {"factor": 0.5})
+    pdf = b.op("scale", [b.op("exp", [b.op("scale", [b.op("mul", [x, x])], {"factor": -0.5})])],
+               {"factor": 1 / math.sqrt(2 * math.pi)})
+    return b.op("mul", [g, b.op("add", [cdf, b.op("mul", [x, pdf])])])
+
+
+def kernel_graph(reduce_shapes, classes, elementwise_sizes):
+    """One graph: a leading-axes sum and mean per shape in ``reduce_shapes``, cross-entropy (mean) and
+    its gradient (sum) for [7, C] logits per C in ``classes``, GELU forward and derivative per size."""
+    register_rules()
+    b = GraphBuilder("kernels")
+    outputs = []
+    for i, shape in enumerate(reduce_shapes):
+        x = b.input(f"red{i}_x", T(shape))
+        lead = tuple(range(len(shape) - 1)) if len(shape) > 2 else (0,)
+        outputs.append(b.op("sum", [x], {"axes": lead, "keepdim": False}))
+        outputs.append(b.op("mean", [x], {"axes": lead, "keepdim": True}))
+    for c in classes:
+        logits = b.input(f"ce{c}_logits", T((7, c)))
+        labels = b.input(f"ce{c}_labels", T((7,), "i64"))
+        outputs.append(b.op("cross_entropy", [logits, labels]))
+        seed = b.op("full", [], {"shape": (), "value": 1.5})
+        outputs.append(b.op("cross_entropy_grad", [logits, labels, seed], {"reduction": "sum"}))
+    for n in elementwise_sizes:
+        x = b.input(f"gelu{n}_x", T((n,)))
+        outputs.append(b.op("gelu", [x]))
+        outputs.append(gelu_derivative_chain(b, x, b.input(f"gelu{n}_g", T((n,)))))
+    b.output(*outputs)
+    return b.build()
+
+
+def kernel_inputs(graph, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    found = {}
+    for item in graph.inputs:
+        t = item.type
+        if t.dtype == "i64":
+            classes = graph.type_of(item.name.replace("_labels", "_logits")).shape[1]
+            found[item.name] = rng.integers(0, classes, t.shape)
+        elif item.name.endswith("_logits"):
+            found[item.name] = (4.0 * rng.standard_normal(t.shape)).astype(np.float32)
+        elif item.name.startswith("gelu") and item.name.endswith("_x"):
+            # the whole useful range, both saturated ends, and exact zeros
+            value = rng.uniform(-9.0, 9.0, t.shape).astype(np.float32)
+            value[::5] = 0.0
+            found[item.name] = value
+        else:
+            found[item.name] = np.asarray(rng.standard_normal(t.shape), dtype=np.float32).reshape(t.shape)
+    return found
+
+
+def check(graph, model, seed: int) -> None:
+    inputs = kernel_inputs(graph, seed)
+    expected = run(graph, inputs)
+    for name, value in zip(graph.outputs, model(**inputs)):
+        ref = expected[name]
+        scale = max(1.0, float(np.abs(ref).max()))
+        np.testing.assert_allclose(value, ref, rtol=2e-5, atol=2e-6 * scale, err_msg=f"output {name}")
+
+
+# rows: multiples of four, leftovers 1-3, fewer than four; columns: under one vector, a short last
+# strip (2050 = 1025 + 1025, 4099 = 2048 + 2048 + 3)
+REDUCE_SHAPES = [(1, 9), (3, 17), (4, 8), (7, 300), (130, 33), (9, 2050), (5, 4099), (2, 3, 40), (6, 2, 11)]
+CLASSES = [1, 5, 8, 13, 16, 23, 515]
+SIZES = [1, 15, 16, 17, 47, 1000]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    graph = kernel_graph(REDUCE_SHAPES, CLASSES, SIZES)
+    return graph, compile_graph(graph)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kernels_match_interpreter(kernels, seed):
+    graph, model = kernels
+    check(graph, model, seed)
+
+
+def test_kernels_match_interpreter_without_avx512(kernels):
+    """The same graph in a fresh process with NNC_NO_AVX512=1 (the AVX2 bodies and tails)."""
+    code = ("import sys; sys.path.insert(0, 'tests/backend'); import test_codegen_kernels as t; "
+            "from nncompile.driver import compile_graph; "
+            "g = t.kernel_graph(t.REDUCE_SHAPES, t.CLASSES, t.SIZES); t.check(g, compile_graph(g), 3)")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "NNC_NO_AVX512": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 70), cols=st.integers(1, 600), classes=st.integers(1, 70), size=st.integers(1, 300))
+def test_random_shapes_match_interpreter(rows, cols, classes, size):
+    graph = kernel_graph([(rows, cols)], [classes], [size])
+    check(graph, compile_graph(graph), rows + cols)
