@@ -67,7 +67,8 @@ inline Epilogue shift_epilogue(const Epilogue& ep, int i0, int j0) {
     return s;
 }
 
-// The two packed micro-kernels behind one signature.
+// The two packed micro-kernels behind one signature. The 6x16 kernel (nnc_gemm_kernels.h) has no
+// prefetch walk in its k loop and ignores the lines to prefetch.
 inline void kernel_avx2(int kc, const float* Ap, const float* Bp, float* C, int ldc, int m_valid, int n_valid,
                         const StoreMode& mode, const Epilogue& ep, int i0, int j0, const LinePrefetch&) {
     kernel_6x16_packed(kc, Ap, Bp, C, ldc, m_valid, n_valid, mode, ep, i0, j0);
@@ -182,25 +183,28 @@ inline void packed_direct_b(bool transA, int M, int N, int K, const float* A, in
 }
 
 // The packed loop nest for one MC block of rows (M <= MC, e.g. the batch-128 forward and dX GEMMs
-// of a training step), AVX-512 kernel: B is packed one 32-column sliver at a time right before the
-// row tiles that use it, instead of a whole KC x NC panel up front (1.6 MB at 128x1024x784: past L2,
-// so the kernels read it back from L3). Each kernel call prefetches its share of the next sliver's
-// source lines (a kc x 32 strip of op(B): 32 rows of kc floats when B is transposed, kc rows of 128
-// bytes when not), so the weights' DRAM reads, cold inside a training step after the optimizer's
-// sweep, overlap the FMAs instead of stalling the packing.
-inline void packed_slivers(bool transA, bool transB, int M, int N, int K, const float* A, int lda, const float* B,
-                           int ldb, float* C, int ldc, float beta, const Epilogue& ep) {
+// of a training step) with an MRt x NRt micro-kernel: B is packed one NRt-column sliver at a time
+// right before the row tiles that use it, instead of a whole KC x NC panel up front (1.6 MB at
+// 128x1024x784: past L2, so the kernels read it back from L3). Each kernel call prefetches its share
+// of the next sliver's source lines (a kc x NRt strip of op(B): NRt rows of kc floats when B is
+// transposed, kc rows of NRt floats when not), so the weights' DRAM reads, cold inside a training
+// step after the optimizer's sweep, overlap the FMAs instead of stalling the packing. AVX-512, cold
+// operands (bench/gemm_cold.py): 128x1024x784 tB 2.39 -> 2.08 ms, 128x1024x1024 tB 2.97 -> 2.70,
+// 128x1024x1024 2.94 -> 2.61; warm 2-8% faster too.
+template <int MRt, int NRt, typename Kernel>
+inline void packed_slivers(Kernel kernel, bool transA, bool transB, int M, int N, int K, const float* A, int lda,
+                           const float* B, int ldb, float* C, int ldc, float beta, const Epilogue& ep) {
     const int KC = balanced_block(K, std::max(8, gemm_blocking().kc), 8);
     const int kc_max = std::min(KC, K);
-    const int tiles = (M + MR512 - 1) / MR512;
-    float* Ap = thread_scratch(SCRATCH_PACK_A, static_cast<size_t>(tiles) * MR512 * kc_max + 64);
-    float* Bs = thread_scratch(SCRATCH_PACK_B, static_cast<size_t>(NR512) * kc_max + 64);
+    const int tiles = (M + MRt - 1) / MRt;
+    float* Ap = thread_scratch(SCRATCH_PACK_A, static_cast<size_t>(tiles) * MRt * kc_max + 64);
+    float* Bs = thread_scratch(SCRATCH_PACK_B, static_cast<size_t>(NRt) * kc_max + 64);
     // the source of the sliver at columns j, K block [p, p + kc) of op(B), as rows of lines
     auto sliver_lines = [&](int j, int p) {
         LinePrefetch lines;
         if (p >= K) return lines;
         const int kc = std::min(KC, K - p);
-        const int nv = std::min(NR512, N - j);
+        const int nv = std::min(NRt, N - j);
         lines.stride = static_cast<long>(ldb) * sizeof(float);
         if (transB) {
             lines.first = reinterpret_cast<const char*>(B + static_cast<long>(j) * ldb + p);
@@ -215,37 +219,43 @@ inline void packed_slivers(bool transA, bool transB, int M, int N, int K, const 
     };
     for (int pc = 0; pc < K; pc += KC) {
         const int kc = std::min(KC, K - pc);
-        pack_a<MR512>(transA, M, kc, transA ? A + static_cast<long>(pc) * lda : A + pc, lda, Ap);
+        pack_a<MRt>(transA, M, kc, transA ? A + static_cast<long>(pc) * lda : A + pc, lda, Ap);
         const StoreMode mode = StoreMode::for_block(pc, kc, K, beta, ep.alpha);
-        for (int jr = 0; jr < N; jr += NR512) {
-            const int nv = std::min(NR512, N - jr);
-            pack_b<NR512>(transB, kc, nv, transB ? B + static_cast<long>(jr) * ldb + pc : B + static_cast<long>(pc) * ldb + jr,
-                          ldb, Bs);
+        for (int jr = 0; jr < N; jr += NRt) {
+            const int nv = std::min(NRt, N - jr);
+            const float* Bsrc = transB ? B + static_cast<long>(jr) * ldb + pc : B + static_cast<long>(pc) * ldb + jr;
+            pack_b<NRt>(transB, kc, nv, Bsrc, ldb, Bs);
             // the next sliver: this K block's next columns, else the next K block's first
-            const LinePrefetch next = jr + NR512 < N ? sliver_lines(jr + NR512, pc) : sliver_lines(0, pc + KC);
+            const LinePrefetch next = jr + NRt < N ? sliver_lines(jr + NRt, pc) : sliver_lines(0, pc + KC);
             for (int t = 0; t < tiles; ++t) {
                 LinePrefetch share = next;
                 const int r0 = next.rows * t / tiles;
                 share.rows = next.rows * (t + 1) / tiles - r0;
                 share.first = next.first + r0 * next.stride;
-                const int ir = t * MR512;
-                kernel_12x32_rows<false>(kc, Ap + static_cast<long>(ir) * kc, Bs, C + static_cast<long>(ir) * ldc + jr,
-                                         ldc, std::min(MR512, M - ir), nv, mode, ep, ir, jr, NR512, share);
+                const int ir = t * MRt;
+                kernel(kc, Ap + static_cast<long>(ir) * kc, Bs, C + static_cast<long>(ir) * ldc + jr, ldc,
+                       std::min(MRt, M - ir), nv, mode, ep, ir, jr, share);
             }
         }
     }
 }
 
 // N <= 16 (e.g. a classifier's 10 logits) runs the 6x16 AVX2 kernel: the 12x32 tile would waste
-// two thirds of its FMAs on padding (the 1-thread FMA peak of both is the same on Zen 4).
+// two thirds of its FMAs on padding (the 1-thread FMA peak of both is the same on Zen 4). The AVX2
+// kernel keeps the whole-panel loop nest at any M: packed_slivers with it (the lines prefetched in a
+// burst before each call, or not at all) measured no better cold (sum of the MLP step's GEMMs 13.1-13.4
+// vs 13.4 ms).
 inline void packed(bool transA, bool transB, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
                    float* C, int ldc, float beta, const Epilogue& ep) {
     if (gemm_use_avx512() && !transB && M <= gemm_blocking().direct_b_rows && N >= NR512 && ldb % 256 != 0) {
         packed_direct_b(transA, M, N, K, A, lda, B, ldb, C, ldc, beta, ep);
-    } else if (gemm_use_avx512() && N > NR && M <= gemm_blocking().mc) {
-        packed_slivers(transA, transB, M, N, K, A, lda, B, ldb, C, ldc, beta, ep);
     } else if (gemm_use_avx512() && N > NR) {
-        packed_with<MR512, NR512>(kernel_12x32_avx512, transA, transB, M, N, K, A, lda, B, ldb, C, ldc, beta, ep);
+        if (M <= gemm_blocking().mc) {
+            packed_slivers<MR512, NR512>(kernel_12x32_avx512, transA, transB, M, N, K, A, lda, B, ldb, C, ldc, beta,
+                                         ep);
+        } else {
+            packed_with<MR512, NR512>(kernel_12x32_avx512, transA, transB, M, N, K, A, lda, B, ldb, C, ldc, beta, ep);
+        }
     } else {
         packed_with<MR, NR>(kernel_avx2, transA, transB, M, N, K, A, lda, B, ldb, C, ldc, beta, ep);
     }

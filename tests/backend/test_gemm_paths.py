@@ -101,7 +101,8 @@ def test_b_in_place_several_k_blocks(nat, threads):
 def test_one_row_block_b_packed_by_sliver(nat, M, N, K, ta, tb, kc, avx512, threads, pad, beta, use_col, use_row,
                                           act, use_res, seed):
     """M <= MC: B packed one sliver at a time with the next sliver's source prefetched
-    (gemm::packed_slivers), across K blocks (small KC) and column edges; the AVX2 path alike."""
+    (gemm::packed_slivers), across K blocks (small KC) and column edges; the AVX2 kernel (whole-panel
+    loop nest) on the same shapes."""
     if avx512 and not nat.has_avx512():
         pytest.skip("CPU has no AVX-512F")
     nat.set_avx512(avx512)
