@@ -31,6 +31,69 @@ constexpr int kAttentionRows = 32;
 // Per-thread bound on the backward's probabilities (and as many of their gradients), in floats.
 constexpr int kAttentionPanelFloats = 1 << 16;
 
+namespace detail {
+
+// Rows of the attention scratch are padded to a multiple of 8 floats, so a row's last partial vector
+// is loaded and stored whole (masked loads and stores are slow on AMD cores); lanes past `visible` are
+// blended to 0 (whatever the scratch held there).
+inline int padded(int n) { return (n + 7) / 8 * 8; }
+
+inline __m256 lanes_below(int n) { return _mm256_castsi256_ps(tail_mask(n)); }
+
+// p[0, visible) = softmax(p[0, visible)); p[visible, width) = 0 (width a multiple of 8, >= visible).
+inline void softmax_padded(float* p, int visible, int width) {
+    const int full = visible / 8 * 8;
+    const __m256 tail = lanes_below(visible - full);
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    for (int j = 0; j < full; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(p + j));
+    if (full < visible) m = _mm256_max_ps(m, _mm256_blendv_ps(m, _mm256_loadu_ps(p + full), tail));
+    const __m256 mv = _mm256_set1_ps(hmax_ps(m));
+    __m256 sum = _mm256_setzero_ps();
+    for (int j = 0; j < full; j += 8) {
+        const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p + j), mv));
+        _mm256_storeu_ps(p + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    if (full < visible) {
+        const __m256 x = _mm256_blendv_ps(mv, _mm256_loadu_ps(p + full), tail);
+        const __m256 e = _mm256_and_ps(exp_ps(_mm256_sub_ps(x, mv)), tail);
+        _mm256_storeu_ps(p + full, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / hsum_ps(sum));
+    const int used = padded(visible);
+    for (int j = 0; j < used; j += 8) _mm256_storeu_ps(p + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), inv));
+    for (int j = used; j < width; j += 8) _mm256_storeu_ps(p + j, _mm256_setzero_ps());
+}
+
+// One row of the attention backward, `width` (a multiple of 8) floats of p and dp: p holds the scores and
+// becomes the probabilities, dp holds dO V^T and becomes dS = p * (dp - sum(p * dp)) * scale; both are 0
+// from `visible` on.
+inline void attention_grad_row(float* p, float* dp, int visible, int width, float scale) {
+    softmax_padded(p, visible, width);
+    const int used = padded(visible);
+    const __m256 tail = lanes_below(visible - (used - 8));
+    __m256 acc = _mm256_setzero_ps();
+    for (int j = 0; j < used; j += 8) {
+        __m256 d = _mm256_loadu_ps(dp + j);
+        if (j + 8 == used) d = _mm256_and_ps(d, tail);      // lanes past `visible` may hold garbage
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(p + j), d, acc);
+    }
+    const __m256 delta = _mm256_set1_ps(hsum_ps(acc));
+    const __m256 sv = _mm256_set1_ps(scale);
+    for (int j = 0; j < used; j += 8) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(dp + j), delta);
+        _mm256_storeu_ps(dp + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(p + j), d), sv));
+    }
+    if (used > 0) {
+        const __m256 last = _mm256_loadu_ps(dp + used - 8);
+        _mm256_storeu_ps(dp + used - 8, _mm256_and_ps(last, tail));
+    }
+    for (int j = used; j < width; j += 8) _mm256_storeu_ps(dp + j, _mm256_setzero_ps());
+}
+
+}  // namespace detail
+
 // Q: [BH, Lq, D], K: [BH, Lk, D], V: [BH, Lk, Dv], O: [BH, Lq, Dv]; mask (optional): [Lq, Lk]
 // additive, shared by all batch items and heads.
 inline void attention(const float* Q, const float* K, const float* V, float* O, int BH, int Lq, int Lk, int D, int Dv,
@@ -41,7 +104,7 @@ inline void attention(const float* Q, const float* K, const float* V, float* O, 
     const int threads = std::max(1, static_cast<int>(std::min<long>(usable_threads(), items)));
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        float* scores = thread_scratch(SCRATCH_ROW, static_cast<size_t>(kRowsPerBlock) * Lk + 16);
+        float* scores = thread_scratch(SCRATCH_ROW, static_cast<size_t>(kRowsPerBlock) * detail::padded(Lk) + 16);
 #pragma omp for schedule(dynamic, 1)
         for (long item = 0; item < items; ++item) {
             const int bh = static_cast<int>(item / row_blocks);
@@ -57,70 +120,32 @@ inline void attention(const float* Q, const float* K, const float* V, float* O, 
                 std::fill(o, o + static_cast<long>(rows) * Dv, 0.0f);
                 continue;
             }
+            const int ld = detail::padded(keys);
             Epilogue se;
             se.alpha = scale;
             if (mask) {
                 se.residual = mask + static_cast<long>(i0) * Lk;
                 se.ldr = Lk;
             }
-            gemm::serial(false, true, rows, keys, D, q, D, k, D, scores, keys, 0.0f, se);
+            gemm::serial(false, true, rows, keys, D, q, D, k, D, scores, ld, 0.0f, se);
             for (int r = 0; r < rows; ++r) {
-                float* srow = scores + static_cast<long>(r) * keys;
                 const int visible = causal ? std::min(keys, i0 + r + 1) : keys;
-                softmax_row(srow, srow, visible);
-                std::fill(srow + visible, srow + keys, 0.0f);
+                detail::softmax_padded(scores + static_cast<long>(r) * ld, visible, ld);
             }
-            gemm::serial(false, false, rows, Dv, keys, scores, keys, v, Dv, o, Dv, 0.0f, Epilogue());
+            gemm::serial(false, false, rows, Dv, keys, scores, ld, v, Dv, o, Dv, 0.0f, Epilogue());
         }
     }
 }
-
-namespace detail {
-
-// One row of the attention backward: p (scores in, probabilities out) and dp (dO V^T in, dS out) over
-// `keys` entries, of which the first `visible` take part (the rest become 0).
-inline void attention_grad_row(float* p, float* dp, int visible, int keys, float scale) {
-    if (visible > 0) {
-        const float m = row_max(p, visible);
-        const float inv = 1.0f / row_exp_shift_sum(p, p, visible, m);
-        __m256 acc = _mm256_setzero_ps();
-        const __m256 iv = _mm256_set1_ps(inv);
-        int j = 0;
-        for (; j + 8 <= visible; j += 8) {
-            const __m256 pv = _mm256_mul_ps(_mm256_loadu_ps(p + j), iv);
-            _mm256_storeu_ps(p + j, pv);
-            acc = _mm256_fmadd_ps(pv, _mm256_loadu_ps(dp + j), acc);
-        }
-        float delta = hsum_ps(acc);
-        for (; j < visible; ++j) {
-            p[j] *= inv;
-            delta += p[j] * dp[j];
-        }
-        const __m256 dv = _mm256_set1_ps(delta);
-        const __m256 sv = _mm256_set1_ps(scale);
-        j = 0;
-        for (; j + 8 <= visible; j += 8) {
-            const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(dp + j), dv);
-            _mm256_storeu_ps(dp + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(p + j), d), sv));
-        }
-        for (; j < visible; ++j) dp[j] = p[j] * (dp[j] - delta) * scale;
-    }
-    for (int j = std::max(visible, 0); j < keys; ++j) {
-        p[j] = 0.0f;
-        dp[j] = 0.0f;
-    }
-}
-
-}  // namespace detail
 
 // Gradients of attention (no mask) for the output gradient dO: [BH, Lq, Dv]. dQ: [BH, Lq, D],
 // dK: [BH, Lk, D], dV: [BH, Lk, Dv] are overwritten.
 inline void attention_backward(const float* Q, const float* K, const float* V, const float* dO, float* dQ, float* dK,
                                float* dV, int BH, int Lq, int Lk, int D, int Dv, float scale, bool causal) {
     constexpr int kRows = kAttentionRows;
-    // Query rows per panel: P and dS of a panel (2 * panel * Lk floats) stay within kAttentionPanelFloats each.
-    const int panel = std::max(kRows, kAttentionPanelFloats / std::max(Lk, 1) / kRows * kRows);
-    const long plane = (static_cast<long>(std::min(panel, Lq)) * Lk + 15) / 16 * 16;
+    // P and dS rows are ld floats apart; a panel of query rows keeps each within kAttentionPanelFloats.
+    const int ld = detail::padded(Lk);
+    const int panel = std::max(kRows, kAttentionPanelFloats / std::max(ld, 1) / kRows * kRows);
+    const long plane = static_cast<long>(std::min(panel, Lq)) * ld + 16;
     const int threads = std::max(1, std::min(usable_threads(), BH));
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
@@ -144,8 +169,8 @@ inline void attention_backward(const float* Q, const float* K, const float* V, c
                 for (int i0 = p0; i0 < p1; i0 += kRows) {
                     const int rows = std::min(kRows, p1 - i0);
                     const int keys = causal ? std::min(Lk, i0 + kRows) : Lk;
-                    float* pb = p + static_cast<long>(i0 - p0) * Lk;
-                    float* dsb = ds + static_cast<long>(i0 - p0) * Lk;
+                    float* pb = p + static_cast<long>(i0 - p0) * ld;
+                    float* dsb = ds + static_cast<long>(i0 - p0) * ld;
                     float* gqb = gq + static_cast<long>(i0) * D;
                     if (keys <= 0) {
                         std::fill(gqb, gqb + static_cast<long>(rows) * D, 0.0f);
@@ -153,25 +178,25 @@ inline void attention_backward(const float* Q, const float* K, const float* V, c
                     }
                     Epilogue se;
                     se.alpha = scale;
-                    gemm::serial(false, true, rows, keys, D, q + static_cast<long>(i0) * D, D, k, D, pb, Lk, 0.0f, se);
-                    gemm::serial(false, true, rows, keys, Dv, go + static_cast<long>(i0) * Dv, Dv, v, Dv, dsb, Lk, 0.0f,
+                    gemm::serial(false, true, rows, keys, D, q + static_cast<long>(i0) * D, D, k, D, pb, ld, 0.0f, se);
+                    gemm::serial(false, true, rows, keys, Dv, go + static_cast<long>(i0) * Dv, Dv, v, Dv, dsb, ld, 0.0f,
                                  Epilogue());
                     for (int r = 0; r < rows; ++r) {
                         const int visible = causal ? std::min(keys, i0 + r + 1) : keys;
-                        detail::attention_grad_row(pb + static_cast<long>(r) * Lk, dsb + static_cast<long>(r) * Lk,
-                                                   visible, keys, scale);
+                        detail::attention_grad_row(pb + static_cast<long>(r) * ld, dsb + static_cast<long>(r) * ld,
+                                                   visible, detail::padded(keys), scale);
                     }
-                    gemm::serial(false, false, rows, D, keys, dsb, Lk, k, D, gqb, D, 0.0f, Epilogue());
+                    gemm::serial(false, false, rows, D, keys, dsb, ld, k, D, gqb, D, 0.0f, Epilogue());
                 }
                 // Column blocks: dV += P^T dO and dK += dS^T Q over the panel's rows that see the block.
                 for (int j0 = 0; j0 < Lk; j0 += kRows) {
                     const int cols = std::min(kRows, Lk - j0);
                     const int first = causal ? std::max(j0, p0) : p0;
                     if (first >= p1) break;
-                    const long at = static_cast<long>(first - p0) * Lk + j0;
-                    gemm::serial(true, false, cols, Dv, p1 - first, p + at, Lk, go + static_cast<long>(first) * Dv, Dv,
+                    const long at = static_cast<long>(first - p0) * ld + j0;
+                    gemm::serial(true, false, cols, Dv, p1 - first, p + at, ld, go + static_cast<long>(first) * Dv, Dv,
                                  gv + static_cast<long>(j0) * Dv, Dv, 1.0f, Epilogue());
-                    gemm::serial(true, false, cols, D, p1 - first, ds + at, Lk, q + static_cast<long>(first) * D, D,
+                    gemm::serial(true, false, cols, D, p1 - first, ds + at, ld, q + static_cast<long>(first) * D, D,
                                  gk + static_cast<long>(j0) * D, D, 1.0f, Epilogue());
                 }
             }
