@@ -1,6 +1,6 @@
 """The MLP training step's GEMMs with operands warm (repeated calls) and cold (from DRAM), 1 thread.
 
-    python bench/gemm_cold.py [--rounds 7] [--reps 20] [--base REV] [--threads 1]
+    python bench/gemm_cold.py [--rounds 7] [--reps 20] [--base REV] [--headers NAME=DIR] [--threads 1] [--square]
 
 Compiles a small driver against the headers in native/ (and, with ``--base REV``, a second one
 against ``native/`` as git revision REV has it) that calls ``nnc::sgemm`` with the shapes, strides,
@@ -36,6 +36,9 @@ SHAPES = [
     ("fc2 dX dY@W2", 0, 0, 128, 1024, 1024, 1024, 1024, 0),
     ("fc1 dW dY^T@x", 1, 0, 1024, 784, 128, 1024, 784, 0),
 ]
+
+# --square: the gemm suite's square shapes, to check that the blocking for the step's shapes costs them nothing.
+SQUARES = [(f"square {n}", 0, 0, n, n, n, n, n, 0) for n in (256, 512, 1024)]
 
 DRIVER = r"""
 #include <time.h>
@@ -126,9 +129,9 @@ def base_headers(rev: str, folder: Path) -> Path:
     return folder
 
 
-def run(exe: Path, threads: int, reps: int) -> list[tuple[float, float]]:
+def run(exe: Path, threads: int, reps: int, shapes: list) -> list[tuple[float, float]]:
     args = [str(exe), str(threads), str(reps)]
-    for _, *numbers in SHAPES:
+    for _, *numbers in shapes:
         args += [str(x) for x in numbers]
     lines = subprocess.run(args, check=True, capture_output=True, text=True).stdout.split("\n")
     return [tuple(float(x) for x in line.split()) for line in lines if line.strip()]
@@ -139,10 +142,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--square", action="store_true", help="also time square GEMMs (256, 512, 1024)")
     parser.add_argument("--base", default=None, help="git revision whose native/ headers to time alongside")
     parser.add_argument("--headers", action="append", default=[], metavar="NAME=DIR",
                         help="also time a folder of nnc_*.h headers (e.g. an experiment), as NAME")
     args = parser.parse_args()
+    shapes = SHAPES + (SQUARES if args.square else [])
     with tempfile.TemporaryDirectory() as tmp:
         exes = {"current": build(REPO / "native", Path(tmp) / "current")}
         for spec in args.headers:
@@ -153,7 +158,7 @@ def main() -> None:
         samples = {name: [] for name in exes}
         for _ in range(args.rounds):
             for name, exe in exes.items():
-                samples[name].append(run(exe, args.threads, args.reps))
+                samples[name].append(run(exe, args.threads, args.reps, shapes))
     names = list(exes)
     print(f"MLP step GEMMs, {args.threads} thread(s), CPU ms per call, median of {args.rounds} rounds "
           f"(warm: back to back; cold: after a 64 MB sweep)")
@@ -162,7 +167,7 @@ def main() -> None:
         header += f"{'cold base/cur':>15s}"
     print(header)
     totals = {n: [0.0, 0.0] for n in names}
-    for s, (label, ta, tb, M, N, K, *_rest) in enumerate(SHAPES):
+    for s, (label, ta, tb, M, N, K, *_rest) in enumerate(shapes):
         row = f"{label + f' {M}x{N}x{K}' + (' tA' if ta else '') + (' tB' if tb else ''):34s}"
         cold = {}
         for n in names:
