@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "nnc_math.h"
+#include "nnc_math512.h"
 #include "nnc_threads.h"
 
 namespace nnc {

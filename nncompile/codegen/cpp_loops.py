@@ -68,12 +68,14 @@ def unravel_offsets(var: str, sizes: list[int], strides: list[list[int]], names:
 
 
 def elementwise_loop(out: Operand, operands: list[Operand], vector_expr, scalar_expr, *, vectorize: bool = True,
-                     needs_index: bool = False) -> str:
+                     needs_index: bool = False, vector512_expr=None) -> str:
     """out[i] = f(operands broadcast to out at i), for every i of ``out.shape``.
 
     ``vector_expr(loads) -> (setup lines, result expr)`` over __m256 operand values and
     ``scalar_expr(values, index_expr) -> (setup lines, result expr)`` over scalars. Operands whose
-    inner stride is 0 are loaded once per row.
+    inner stride is 0 are loaded once per row. ``vector512_expr`` (same contract over __m512 values),
+    when given, runs each row's 16-lane part first, in a lambda compiled for AVX-512F and called only
+    when ``nnc::simd_use_avx512()``; the 8-lane loop and the scalar tail finish the row.
     """
     numel = math.prod(out.shape)
     strides = [broadcast_strides(op.shape, out.shape) for op in operands]
@@ -120,14 +122,18 @@ def elementwise_loop(out: Operand, operands: list[Operand], vector_expr, scalar_
                 vec_loads.append(f"b{k}_")
             else:
                 vec_loads.append(f"_mm256_loadu_ps({op.ptr} + {names[k]} + j_)")
+        start = "j0_"
+        if vector512_expr is not None and min(inner, 8192) >= 16:
+            lines += _zmm_part(operands, inner_strides, names, vector512_expr)
+            start = "jz_"
         setup, expr = vector_expr(vec_loads)
-        lines.append("    for (int64_t j_ = j0_; j_ + 8 <= j1_; j_ += 8) {")
+        lines.append(f"    for (int64_t j_ = {start}; j_ + 8 <= j1_; j_ += 8) {{")
         lines += ["        " + s for s in setup]
         lines.append(f"        _mm256_storeu_ps(out_ + j_, {expr});")
         lines.append("    }")
     index = f"(r_ * {inner} + j_)"
     setup, expr = scalar_expr(scalar_loads, index)
-    lines.append(f"    const int64_t tail_ = {'j0_ + (j1_ - j0_) / 8 * 8' if vector else 'j0_'};")
+    lines.append(f"    const int64_t tail_ = {f'{start} + (j1_ - {start}) / 8 * 8' if vector else 'j0_'};")
     if not vector and not needs_index:
         lines.append("    #pragma omp simd")
     lines.append("    for (int64_t j_ = tail_; j_ < j1_; ++j_) {")
@@ -136,6 +142,27 @@ def elementwise_loop(out: Operand, operands: list[Operand], vector_expr, scalar_
     lines.append("    }")
     lines.append("}")
     return "\n".join(lines)
+
+
+def _zmm_part(operands: list[Operand], inner_strides: list[int], names: list[str], vector512_expr) -> list[str]:
+    """Lines running [j0_, jz_) of a row 16 lanes at a time on AVX-512F CPUs (jz_ = j0_ elsewhere)."""
+    loads = []
+    for k, op in enumerate(operands):
+        loads.append(f"_mm512_set1_ps(s{k}_)" if inner_strides[k] == 0 else
+                     f"_mm512_loadu_ps({op.ptr} + {names[k]} + j_)")
+    setup, expr = vector512_expr(loads)
+    lines = ["    int64_t jz_ = j0_;",
+             "    if (nnc::simd_use_avx512()) {",
+             '        jz_ = [&]() __attribute__((target("avx512f"))) -> int64_t {',
+             "            int64_t j_ = j0_;",
+             "            for (; j_ + 16 <= j1_; j_ += 16) {"]
+    lines += ["                " + s for s in setup]
+    lines += [f"                _mm512_storeu_ps(out_ + j_, {expr});",
+              "            }",
+              "            return j_;",
+              "        }();",
+              "    }"]
+    return lines
 
 
 def strided_copy(dst: str, src: str, out_shape: tuple[int, ...], src_strides: list[int], src_offset: int | str = 0,

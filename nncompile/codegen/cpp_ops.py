@@ -2,7 +2,8 @@
 
 Each rule is ``rule(ctx, node) -> str`` (C++ statements; see ``CppContext``). Elementwise ops share one
 table of vector (__m256) and scalar expressions, so a fused chain becomes one AVX2 loop whose scalar
-tail runs the same polynomials (``native/nnc_math.h``). Rules are attached to the op table with
+tail runs the same polynomials (``native/nnc_math.h``); a chain with a transcendental step also gets a
+16-lane zmm loop (``VECTOR512``, ``native/nnc_math512.h``) taken at run time on AVX-512F CPUs. Rules are attached to the op table with
 ``set_rule`` when this module is imported.
 """
 from __future__ import annotations
@@ -63,11 +64,44 @@ VECTOR = {
 }
 
 
-def _clamp_vec(a, lo, hi):
+# The zmm (AVX-512F) forms of the ops a chain may hold to get a 16-lane loop, chosen at run time
+# (native/nnc_math512.h); each computes what its VECTOR twin computes, lane by lane.
+Z_ZERO, Z_ONE = "_mm512_setzero_ps()", "_mm512_set1_ps(1.0f)"
+
+VECTOR512 = {
+    "relu": lambda a, **k: f"_mm512_max_ps({a[0]}, {Z_ZERO})",
+    "gelu": lambda a, approximate="none", **k: f"nnc::gelu_{'tanh' if approximate == 'tanh' else 'erf'}_ps512({a[0]})",
+    "tanh": lambda a, **k: f"nnc::tanh_ps512({a[0]})",
+    "sigmoid": lambda a, **k: f"nnc::sigmoid_ps512({a[0]})",
+    "silu": lambda a, **k: f"_mm512_mul_ps({a[0]}, nnc::sigmoid_ps512({a[0]}))",
+    "exp": lambda a, **k: f"nnc::exp_ps512({a[0]})",
+    "sqrt": lambda a, **k: f"_mm512_sqrt_ps({a[0]})",
+    "rsqrt": lambda a, **k: f"_mm512_div_ps({Z_ONE}, _mm512_sqrt_ps({a[0]}))",
+    "neg": lambda a, **k: f"nnc::neg_ps512({a[0]})",
+    "abs": lambda a, **k: f"nnc::abs_ps512({a[0]})",
+    "erf": lambda a, **k: f"nnc::erf_ps512({a[0]})",
+    "clamp": lambda a, min=None, max=None, **k: _clamp_vec(a[0], min, max, "_mm512"),
+    "scale": lambda a, factor, **k: f"_mm512_mul_ps({a[0]}, _mm512_set1_ps({f(factor)}))",
+    "add_scalar": lambda a, value, **k: f"_mm512_add_ps({a[0]}, _mm512_set1_ps({f(value)}))",
+    "add": lambda a, **k: f"_mm512_add_ps({a[0]}, {a[1]})",
+    "sub": lambda a, **k: f"_mm512_sub_ps({a[0]}, {a[1]})",
+    "mul": lambda a, **k: f"_mm512_mul_ps({a[0]}, {a[1]})",
+    "div": lambda a, **k: f"_mm512_div_ps({a[0]}, {a[1]})",
+    "maximum": lambda a, **k: f"_mm512_max_ps({a[0]}, {a[1]})",
+    "minimum": lambda a, **k: f"_mm512_min_ps({a[0]}, {a[1]})",
+    "identity": lambda a, **k: a[0],
+}
+
+# A chain gets the zmm loop only when it holds one of these (compute-bound: polynomials and divides
+# per element); a chain of adds and multiplies runs at memory speed on either width.
+WIDE_WORTH = {"gelu", "tanh", "sigmoid", "silu", "exp", "erf"}
+
+
+def _clamp_vec(a, lo, hi, prefix="_mm256"):
     if lo is not None:
-        a = f"_mm256_max_ps({a}, _mm256_set1_ps({f(lo)}))"
+        a = f"{prefix}_max_ps({a}, {prefix}_set1_ps({f(lo)}))"
     if hi is not None:
-        a = f"_mm256_min_ps({a}, _mm256_set1_ps({f(hi)}))"
+        a = f"{prefix}_min_ps({a}, {prefix}_set1_ps({f(hi)}))"
     return a
 
 
@@ -121,13 +155,13 @@ SCALAR = {
 }
 
 
-def _pow_vec(a, exponent):
+def _pow_vec(a, exponent, prefix="_mm256"):
     if exponent == 2:
-        return f"_mm256_mul_ps({a}, {a})"
+        return f"{prefix}_mul_ps({a}, {a})"
     if exponent == 1:
         return a
     if exponent == 0.5:
-        return f"_mm256_sqrt_ps({a})"
+        return f"{prefix}_sqrt_ps({a})"
     return None
 
 
@@ -148,10 +182,12 @@ static inline uint32_t nnc_dropout_hash(uint32_t seed, uint32_t i) {
 """
 
 
-def chain_expressions(body, inputs: list[str], vector: bool, index: str = "0"):
-    """Expressions for every step of an elementwise ``body``; None when a step has no vector form."""
+def chain_expressions(body, inputs: list[str], vector: bool, index: str = "0", lanes: int = 8):
+    """Expressions for every step of an elementwise ``body``; None when a step has no vector form.
+    ``lanes``: 8 (__m256, the VECTOR table) or 16 (__m512, VECTOR512) for the vector form."""
     temps: list[str] = []
     setup: list[str] = []
+    vtype, prefix, table_v = ("__m512", "_mm512", VECTOR512) if lanes == 16 else ("__m256", "_mm256", VECTOR)
     for k, (op, args, attrs) in enumerate(body):
         values = [inputs[int(a[1:])] if a[0] == "x" else temps[int(a[1:])] for a in args]
         if op == "dropout":
@@ -161,7 +197,7 @@ def chain_expressions(body, inputs: list[str], vector: bool, index: str = "0"):
                                                             attrs.get("training", True),
                                                             values[1] if len(values) > 1 else None)
         elif op == "pow_scalar" and vector:
-            expr = _pow_vec(values[0], attrs["exponent"])
+            expr = _pow_vec(values[0], attrs["exponent"], prefix)
             if expr is None:
                 return None
         elif op == "cast":
@@ -169,14 +205,14 @@ def chain_expressions(body, inputs: list[str], vector: bool, index: str = "0"):
                 return None
             expr = f"({CTYPES[attrs['dtype']]})({values[0]})"
         else:
-            table = VECTOR if vector else SCALAR
+            table = table_v if vector else SCALAR
             if op not in table:
                 if vector:
                     return None
                 raise BuildError(f"op '{op}' has no elementwise C++ form")
             expr = table[op](values, **attrs)
         name = f"{'v' if vector else 's'}t{k}_"
-        setup.append(f"const {'__m256' if vector else 'auto'} {name} = {expr};")
+        setup.append(f"const {vtype if vector else 'auto'} {name} = {expr};")
         temps.append(name)
     return setup, temps[-1]
 
@@ -184,13 +220,17 @@ def chain_expressions(body, inputs: list[str], vector: bool, index: str = "0"):
 def emit_chain(ctx: CppContext, body, operands: list[Operand], out_ptr: str) -> str:
     """One loop computing an elementwise ``body`` over ``operands`` into ``out_ptr``."""
     out = Operand(out_ptr, ctx.out_type.shape, ctype(ctx.out_type.dtype))
-    vectorizable = chain_expressions(body, [f"a{i}" for i in range(len(operands))], True) is not None
+    names = [f"a{i}" for i in range(len(operands))]
+    vectorizable = chain_expressions(body, names, True) is not None
     needs_index = any(op == "dropout" for op, _, _ in body)
+    wide = (vectorizable and any(op in WIDE_WORTH for op, _, _ in body)
+            and chain_expressions(body, names, True, lanes=16) is not None)
     return elementwise_loop(
         out, operands,
         lambda loads: chain_expressions(body, loads, True),
         lambda loads, index: chain_expressions(body, loads, False, index),
-        vectorize=vectorizable and out.ctype == "float", needs_index=needs_index)
+        vectorize=vectorizable and out.ctype == "float", needs_index=needs_index,
+        vector512_expr=(lambda loads: chain_expressions(body, loads, True, lanes=16)) if wide else None)
 
 
 def operand(ctx: CppContext, name: str) -> Operand:
