@@ -239,6 +239,8 @@ def operand(ctx: CppContext, name: str) -> Operand:
 
 
 def emit_elementwise(ctx: CppContext, node: Node) -> str:
+    if node.op == "mul" and node.name in products_read_in_place(ctx.emitter):
+        return "// no product: every reader is a sum / mean multiplying the two factors itself"
     body = [(node.op, tuple(f"x{i}" for i in range(len(node.inputs))), dict(node.attrs))]
     return emit_chain(ctx, body, [operand(ctx, n) for n in node.inputs], ctx.out)
 
@@ -298,30 +300,27 @@ def epilogue_decl(fields: dict[str, str], name: str = "epi_") -> list[str]:
 
 
 _FOLDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PRODUCT_FOLDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def transposes_read_in_place(emitter) -> dict[str, str]:
-    """2-D transposes whose every reader is a 2-D ``matmul`` that can read the transpose's source in place
-    (``nnc::sgemm`` with the operand's transposed flag): transpose name -> source name. Those transposes
-    emit no copy. A fold needs the source's storage untouched from the transpose up to each reader (no
-    value written into its buffer, and no other arena buffer over its bytes once it is dead), since the
-    reader now reads the source later than the transpose did."""
-    found = _FOLDS.get(emitter)
-    if found is not None:
-        return found
+def _storage_untouched(emitter):
+    """``untouched(source, from_step, reader_step)``: whether ``source``'s storage holds its value
+    unchanged from step ``from_step`` up to step ``reader_step`` (no value written into its buffer, and
+    no other arena buffer over its bytes once it is dead), so a node at ``reader_step`` may read it in
+    place of a copy or product made at ``from_step``; None when the plan's steps do not follow the
+    graph's order."""
     graph, plan = emitter.graph, emitter.plan
     index = {node.name: i for i, node in enumerate(graph.nodes)}
-    users = graph.users()
     outputs = set(graph.outputs)
     buffer_of = {v: b for b in plan.buffers if b.get("kind") == "value" for v in b["values"]}
-    consistent = all(plan.lifetimes.get(n, (i,))[0] == i for n, i in index.items() if n in plan.lifetimes)
-    found = {}
+    if not all(plan.lifetimes.get(n, (i,))[0] == i for n, i in index.items() if n in plan.lifetimes):
+        return None
 
-    def untouched(source: str, t_step: int, reader_step: int) -> bool:
+    def untouched(source: str, from_step: int, reader_step: int) -> bool:
         kind = plan.storage[source][0]
         if kind == "input":
             return True
-        between = graph.nodes[t_step + 1:reader_step]
+        between = graph.nodes[from_step + 1:reader_step]
         if kind in ("param", "output"):
             # caller-owned memory: nothing in between may write a graph output (an in-graph update of a
             # parameter, e.g. running statistics, is written as an output)
@@ -333,15 +332,33 @@ def transposes_read_in_place(emitter) -> dict[str, str]:
         if kind != "arena" or buffer is None:
             return False
         if buffer["end"] <= reader_step:
-            # the source died at or after the transpose: no arena buffer overlapping it may be live
-            # between its end and the reader
+            # the source died at or after from_step: no arena buffer overlapping it may be live between
+            # its end and the reader
             lo, hi = buffer["offset"], buffer["offset"] + buffer["size"]
             if any(other is not buffer and other["offset"] < hi and lo < other["offset"] + other["size"]
                    and other["start"] <= reader_step and other["end"] > buffer["end"] for other in plan.buffers):
                 return False
-        return not any(t_step < index.get(v, -1) <= reader_step for v in buffer["values"] if v != base)
+        return not any(from_step < index.get(v, -1) <= reader_step for v in buffer["values"] if v != base)
 
-    for node in graph.nodes if consistent else ():
+    return untouched
+
+
+def transposes_read_in_place(emitter) -> dict[str, str]:
+    """2-D transposes whose every reader is a 2-D ``matmul`` that can read the transpose's source in place
+    (``nnc::sgemm`` with the operand's transposed flag): transpose name -> source name. Those transposes
+    emit no copy. A fold needs the source's storage untouched from the transpose up to each reader (no
+    value written into its buffer, and no other arena buffer over its bytes once it is dead), since the
+    reader now reads the source later than the transpose did."""
+    found = _FOLDS.get(emitter)
+    if found is not None:
+        return found
+    graph = emitter.graph
+    index = {node.name: i for i, node in enumerate(graph.nodes)}
+    users = graph.users()
+    outputs = set(graph.outputs)
+    untouched = _storage_untouched(emitter)
+    found = {}
+    for node in graph.nodes if untouched is not None else ():
         if node.op != "transpose" or node.type.rank != 2 or node.name in outputs:
             continue
         source = node.inputs[0]
@@ -352,6 +369,35 @@ def transposes_read_in_place(emitter) -> dict[str, str]:
             continue
         found[node.name] = source
     _FOLDS[emitter] = found
+    return found
+
+
+def products_read_in_place(emitter) -> dict[str, tuple[str, str]]:
+    """f32 ``mul`` nodes of two same-shape operands whose every reader is a sum / mean that reads the
+    two factors and multiplies them itself (``cpp_ops_nn.reads_product``; e.g. the layer-norm backward's
+    ``mean(g * xhat)``): mul name -> its two operands. Those muls emit nothing, which saves writing the
+    product and reading it back; the reader forms the same float product, so results are unchanged. A
+    fold needs both operands' storage untouched from the mul up to each reader."""
+    found = _PRODUCT_FOLDS.get(emitter)
+    if found is not None:
+        return found
+    from nncompile.codegen.cpp_ops_nn import reads_product
+
+    graph = emitter.graph
+    index = {node.name: i for i, node in enumerate(graph.nodes)}
+    users = graph.users()
+    outputs = set(graph.outputs)
+    untouched = _storage_untouched(emitter)
+    found = {}
+    for node in graph.nodes if untouched is not None else ():
+        if (node.op != "mul" or node.name in outputs or node.type.dtype != "f32"
+                or any(graph.type_of(a) != node.type for a in node.inputs)):
+            continue
+        readers = [graph.node(u) for u in users.get(node.name, [])]
+        if readers and all(reads_product(graph, r) and
+                           all(untouched(a, index[node.name], index[r.name]) for a in node.inputs) for r in readers):
+            found[node.name] = (node.inputs[0], node.inputs[1])
+    _PRODUCT_FOLDS[emitter] = found
     return found
 
 

@@ -2,7 +2,8 @@
 
 Covers what the op zoo (test_codegen_ops.py) does not reach at sizes that exercise the vector bodies
 and their tails: sums / means over the leading axes (several rows per pass plus leftover rows, column
-strips with a short last strip), cross-entropy and its gradient (row max / exp-sum in 8- and 16-lane
+strips with a short last strip), products folded into the sums / means that read them, layer norm,
+cross-entropy and its gradient (row max / exp-sum in 8- and 16-lane
 steps plus masked tails) and the GELU chains (forward and the autodiff derivative chain), which run
 on zmm registers when the CPU has AVX-512F. NNC_NO_AVX512 is read once per process, so the AVX2-only
 path is checked in a subprocess with it set.
@@ -13,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,12 +51,32 @@ def mixed_chain(b, x, row, col):
                         b.op("add", [b.op("tanh", [z]), b.op("erf", [root])])])
 
 
-def kernel_graph(reduce_shapes, classes, elementwise_sizes):
+def product_reductions(b, x, g):
+    """Reductions of products as the layer-norm backward has them: a mean over the last axis and a sum
+    over the leading axes each reading a mul of their own (folded: the reduction multiplies), a mul
+    read by a sum and by an add (kept), a mul read by a max (kept)."""
+    found = [b.op("mean", [b.op("mul", [x, g])], {"axes": (-1,), "keepdim": True}),
+             b.op("sum", [b.op("mul", [g, g])], {"axes": (0,), "keepdim": False})]
+    shared = b.op("mul", [x, x])
+    found += [b.op("sum", [shared], {"axes": (0,), "keepdim": False}), b.op("add", [shared, g])]
+    found.append(b.op("max", [b.op("mul", [g, x])], {"axes": (-1,), "keepdim": False}))
+    return found
+
+
+def kernel_graph(reduce_shapes, classes, elementwise_sizes, norm_shapes=()):
     """One graph: a leading-axes sum and mean per shape in ``reduce_shapes``, cross-entropy (mean) and
-    its gradient (sum) for [7, C] logits per C in ``classes``, GELU forward and derivative per size."""
+    its gradient (sum) for [7, C] logits per C in ``classes``, GELU forward and derivative per size,
+    layer norm over the last axis per shape in ``norm_shapes`` (with and without weight and bias)."""
     register_rules()
     b = GraphBuilder("kernels")
     outputs = []
+    for i, shape in enumerate(norm_shapes):
+        x = b.input(f"ln{i}_x", T(shape))
+        w = b.input(f"ln{i}_w", T(shape[-1:]))
+        bias = b.input(f"ln{i}_b", T(shape[-1:]))
+        outputs.append(b.op("layer_norm", [x, w, bias], {"normalized_ndim": 1}))
+        outputs.append(b.op("layer_norm", [x], {"normalized_ndim": 1}))
+        outputs += product_reductions(b, x, b.input(f"ln{i}_g", T(shape)))
     for i, shape in enumerate(reduce_shapes):
         x = b.input(f"red{i}_x", T(shape))
         lead = tuple(range(len(shape) - 1)) if len(shape) > 2 else (0,)
@@ -110,11 +132,12 @@ def check(graph, model, seed: int) -> None:
 REDUCE_SHAPES = [(1, 9), (3, 17), (4, 8), (7, 300), (130, 33), (9, 2050), (5, 4099), (2, 3, 40), (6, 2, 11)]
 CLASSES = [1, 5, 8, 13, 16, 23, 515]
 SIZES = [1, 15, 16, 17, 47, 1000]
+NORM_SHAPES = [(3, 1), (2, 7), (5, 8), (4, 33), (2, 3, 256), (3, 301)]
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    graph = kernel_graph(REDUCE_SHAPES, CLASSES, SIZES)
+    graph = kernel_graph(REDUCE_SHAPES, CLASSES, SIZES, NORM_SHAPES)
     return graph, compile_graph(graph)
 
 
@@ -132,7 +155,7 @@ def test_kernels_without_avx512_match_interpreter_and_zmm_path(kernels, tmp_path
     graph, model = kernels
     code = ("import sys, numpy as np; sys.path.insert(0, 'tests/backend'); import test_codegen_kernels as t; "
             "from nncompile.driver import compile_graph; "
-            "g = t.kernel_graph(t.REDUCE_SHAPES, t.CLASSES, t.SIZES); m = compile_graph(g); t.check(g, m, 3); "
+            "g = t.kernel_graph(t.REDUCE_SHAPES, t.CLASSES, t.SIZES, t.NORM_SHAPES); m = compile_graph(g); t.check(g, m, 3); "
             "np.savez(sys.argv[1], *m(**t.kernel_inputs(g, 3)))")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "NNC_NO_AVX512": "1"}
@@ -149,5 +172,16 @@ def test_kernels_without_avx512_match_interpreter_and_zmm_path(kernels, tmp_path
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.integers(1, 70), cols=st.integers(1, 600), classes=st.integers(1, 70), size=st.integers(1, 300))
 def test_random_shapes_match_interpreter(rows, cols, classes, size):
-    graph = kernel_graph([(rows, cols)], [classes], [size])
+    graph = kernel_graph([(rows, cols)], [classes], [size], [(rows, cols)])
     check(graph, compile_graph(graph), rows + cols)
+
+
+def test_products_folded_into_reductions(kernels):
+    """The muls read only by a sum / mean emit no code where that reduction reads each element once
+    (a mean over >= 32 trailing elements, a sum over leading axes leaving more than one output); the
+    others stay."""
+    graph, model = kernels
+    source = (Path(model.module_path).parent / "kernels.cpp").read_text()
+    expected = sum((shape[-1] >= 32) + (math.prod(shape[1:]) > 1) for shape in NORM_SHAPES)
+    assert expected == 8
+    assert source.count("// no product:") == expected
