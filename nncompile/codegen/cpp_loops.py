@@ -180,7 +180,10 @@ def strided_copy(dst: str, src: str, out_shape: tuple[int, ...], src_strides: li
     lines += ["    " + s for s in unravel_offsets("r_", sizes[:-1], [s_src[:-1]], ["o_"])]
     lines.append(f"    const {ctype}* const s_ = {src} + {src_offset} + o_;")
     lines.append(f"    {ctype}* const d_ = {dst} + r_ * {inner};")
-    if inner_stride == 1:
+    if inner_stride == 1 and ctype == "float" and inner % 8 == 0 and inner <= 256:
+        # short contiguous runs (e.g. one head's row): an inlined vector copy instead of a memcpy call
+        lines.append(f"    for (int64_t j_ = 0; j_ < {inner}; j_ += 8) _mm256_storeu_ps(d_ + j_, _mm256_loadu_ps(s_ + j_));")
+    elif inner_stride == 1:
         lines.append(f"    std::memcpy(d_, s_, sizeof({ctype}) * {inner});")
     else:
         lines.append(f"    for (int64_t j_ = 0; j_ < {inner}; ++j_) d_[j_] = s_[j_ * {inner_stride}];")

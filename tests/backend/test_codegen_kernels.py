@@ -2,7 +2,7 @@
 
 Covers what the op zoo (test_codegen_ops.py) does not reach at sizes that exercise the vector bodies
 and their tails: sums / means over the leading axes (several rows per pass plus leftover rows, column
-strips with a short last strip), products folded into the sums / means that read them, layer norm,
+strips with a short last strip), head-split transposes (short contiguous runs), products folded into the sums / means that read them, layer norm,
 cross-entropy and its gradient (row max / exp-sum in 8- and 16-lane
 steps plus masked tails) and the GELU chains (forward and the autodiff derivative chain), which run
 on zmm registers when the CPU has AVX-512F. NNC_NO_AVX512 is read once per process, so the AVX2-only
@@ -63,13 +63,17 @@ def product_reductions(b, x, g):
     return found
 
 
-def kernel_graph(reduce_shapes, classes, elementwise_sizes, norm_shapes=()):
+def kernel_graph(reduce_shapes, classes, elementwise_sizes, norm_shapes=(), head_shapes=()):
     """One graph: a leading-axes sum and mean per shape in ``reduce_shapes``, cross-entropy (mean) and
     its gradient (sum) for [7, C] logits per C in ``classes``, GELU forward and derivative per size,
-    layer norm over the last axis per shape in ``norm_shapes`` (with and without weight and bias)."""
+    layer norm over the last axis per shape in ``norm_shapes`` (with and without weight and bias),
+    attention's head split [B, T, H, hd] -> [B, H, T, hd] (contiguous runs of hd) per shape in
+    ``head_shapes``."""
     register_rules()
     b = GraphBuilder("kernels")
     outputs = []
+    for i, shape in enumerate(head_shapes):
+        outputs.append(b.op("transpose", [b.input(f"heads{i}_x", T(shape))], {"dim0": 1, "dim1": 2}))
     for i, shape in enumerate(norm_shapes):
         x = b.input(f"ln{i}_x", T(shape))
         w = b.input(f"ln{i}_w", T(shape[-1:]))
@@ -133,11 +137,12 @@ REDUCE_SHAPES = [(1, 9), (3, 17), (4, 8), (7, 300), (130, 33), (9, 2050), (5, 40
 CLASSES = [1, 5, 8, 13, 16, 23, 515]
 SIZES = [1, 15, 16, 17, 47, 1000]
 NORM_SHAPES = [(3, 1), (2, 7), (5, 8), (4, 33), (2, 3, 256), (3, 301)]
+HEAD_SHAPES = [(2, 5, 3, 8), (2, 3, 4, 64), (1, 3, 2, 256), (2, 3, 2, 12), (1, 2, 3, 264)]
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    graph = kernel_graph(REDUCE_SHAPES, CLASSES, SIZES, NORM_SHAPES)
+    graph = kernel_graph(REDUCE_SHAPES, CLASSES, SIZES, NORM_SHAPES, HEAD_SHAPES)
     return graph, compile_graph(graph)
 
 
@@ -155,7 +160,7 @@ def test_kernels_without_avx512_match_interpreter_and_zmm_path(kernels, tmp_path
     graph, model = kernels
     code = ("import sys, numpy as np; sys.path.insert(0, 'tests/backend'); import test_codegen_kernels as t; "
             "from nncompile.driver import compile_graph; "
-            "g = t.kernel_graph(t.REDUCE_SHAPES, t.CLASSES, t.SIZES, t.NORM_SHAPES); m = compile_graph(g); t.check(g, m, 3); "
+            "g = t.kernel_graph(t.REDUCE_SHAPES, t.CLASSES, t.SIZES, t.NORM_SHAPES, t.HEAD_SHAPES); m = compile_graph(g); t.check(g, m, 3); "
             "np.savez(sys.argv[1], *m(**t.kernel_inputs(g, 3)))")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "NNC_NO_AVX512": "1"}
