@@ -6,7 +6,9 @@ Times ``m.train_step(x, y)`` of the compiled example and the eager twin (example
 same optimizer and hyper-parameters, same weights and inputs), and for the MLP the hand-written C++
 baseline calling OpenBLAS (bench/handwritten), in CPU time of the calling thread (``time.thread_time``),
 everything on one thread, in interleaved rounds; prints medians and the ratios X / nnc. ``--gemms`` also times each GEMM shape of the MLP step in isolation through
-``nnc::sgemm`` (the test bindings, timed in C++, CPU time) and prints GFLOP/s per shape.
+``nnc::sgemm`` (the test bindings, timed in C++, CPU time) and prints GFLOP/s per shape; those calls run
+back to back, operands warm: bench/gemm_cold.py times the same shapes with operands cold from DRAM, as
+the step has them after the optimizer's sweep.
 """
 from __future__ import annotations
 

@@ -9,7 +9,10 @@
 // Paths, chosen per call (gemm::serial):
 //   - packed: GotoBLAS loop nest (jc: NC, pc: KC, ic: MC, jr: NR, ir: MR) over packed panels and a
 //     register-blocked micro-kernel: AVX2/FMA 6x16, or AVX-512 12x32 when the CPU has it
-//     (nnc_gemm_avx512.h); the epilogue runs in the store of the last K block.
+//     (nnc_gemm_avx512.h); the epilogue runs in the store of the last K block. With the AVX-512
+//     kernel and M <= MC, B is packed one sliver at a time (packed_slivers); each kernel call
+//     prefetches lines a later step needs (the next sliver's source, the next tile of C), so cold
+//     operands (a training step's weights and gradients) cost about what warm ones do.
 //   - rows: up to kSkinnyRows rows with B not transposed (batch-1 / small-batch inference):
 //     B streamed row by row into L1-resident accumulator strips.
 //   - dot: up to 4 rows with B transposed (x @ W^T): dot products along K.

@@ -46,8 +46,9 @@ struct LinePrefetch {
 // fewer FMAs).
 // kDirectB: Bp is op(B) itself, not transposed, rows b_step floats apart (the unpacked path of
 // packed_direct_b below); its 32 columns are read in place, the rows 8 ahead prefetched.
-// pf: lines of a later operand (the next B sliver's source) prefetched one per k step, so their
-// DRAM reads overlap this tile's FMAs (see gemm::packed_slivers).
+// pf: lines a later step will read or write (the next B sliver's source, the next tile of C),
+// prefetched one per k step, so their DRAM reads overlap this tile's FMAs (see gemm::packed_slivers
+// and gemm::packed_with).
 template <int ROWS, bool kDirectB = false>
 __attribute__((target("avx512f"), noinline)) inline void kernel_avx512(
     int kc, const float* __restrict Ap, const float* __restrict Bp, float* C, int ldc, int m_valid, int n_valid,
