@@ -161,8 +161,10 @@ inline void attention_backward(const float* Q, const float* K, const float* V, c
             float* gq = dQ + static_cast<long>(bh) * Lq * D;
             float* gk = dK + static_cast<long>(bh) * Lk * D;
             float* gv = dV + static_cast<long>(bh) * Lk * Dv;
-            std::fill(gk, gk + static_cast<long>(Lk) * D, 0.0f);
-            std::fill(gv, gv + static_cast<long>(Lk) * Dv, 0.0f);
+            // Keys no query sees (causal: past the last query row) get no column-block GEMM: zeros.
+            const int seen = Lq == 0 ? 0 : causal ? std::min(Lk, Lq) : Lk;
+            std::fill(gk + static_cast<long>(seen) * D, gk + static_cast<long>(Lk) * D, 0.0f);
+            std::fill(gv + static_cast<long>(seen) * Dv, gv + static_cast<long>(Lk) * Dv, 0.0f);
             for (int p0 = 0; p0 < Lq; p0 += panel) {
                 const int p1 = std::min(Lq, p0 + panel);
                 // Row blocks: P and dS of their visible keys (a ragged last block still fills the kRows-wide
@@ -189,16 +191,18 @@ inline void attention_backward(const float* Q, const float* K, const float* V, c
                     }
                     gemm::serial(false, false, rows, D, keys, dsb, ld, k, D, gqb, D, 0.0f, Epilogue());
                 }
-                // Column blocks: dV += P^T dO and dK += dS^T Q over the panel's rows that see the block.
+                // Column blocks: dV = / += P^T dO and dK = / += dS^T Q over the panel's rows that see the block
+                // (a block's first panel is the one holding its first seeing row: row 0, or row j0 if causal).
                 for (int j0 = 0; j0 < Lk; j0 += kRows) {
                     const int cols = std::min(kRows, Lk - j0);
                     const int first = causal ? std::max(j0, p0) : p0;
                     if (first >= p1) break;
+                    const float beta = (causal ? j0 < p0 : p0 > 0) ? 1.0f : 0.0f;
                     const long at = static_cast<long>(first - p0) * ld + j0;
                     gemm::serial(true, false, cols, Dv, p1 - first, p + at, ld, go + static_cast<long>(first) * Dv, Dv,
-                                 gv + static_cast<long>(j0) * Dv, Dv, 1.0f, Epilogue());
+                                 gv + static_cast<long>(j0) * Dv, Dv, beta, Epilogue());
                     gemm::serial(true, false, cols, D, p1 - first, ds + at, ld, q + static_cast<long>(first) * D, D,
-                                 gk + static_cast<long>(j0) * D, D, 1.0f, Epilogue());
+                                 gk + static_cast<long>(j0) * D, D, beta, Epilogue());
                 }
             }
         }
