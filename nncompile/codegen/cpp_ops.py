@@ -461,7 +461,73 @@ def emit_gemm_op(ctx: CppContext, node: Node) -> str:
     return "\n".join(epilogue_decl({}) + gemm_call(ctx, node.op, list(node.inputs), dict(node.attrs), ctx.out, "epi_"))
 
 
+_SUM_FOLDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def sums_computed_by_producer(emitter) -> dict[str, str]:
+    """sum / mean nodes over the leading axes (bias gradients) of a ``fused`` node's output, or of a view
+    of it: reduction name -> producer name. The producer adds the column sums right after writing its
+    output, while it is still in cache (the reduction otherwise runs later, after GEMMs that evicted
+    it), and the reduction emits nothing. Its output is then written early, so its storage must be
+    caller memory or an arena buffer that nothing else uses from the producer's step to its own."""
+    found = _SUM_FOLDS.get(emitter)
+    if found is not None:
+        return found
+    from nncompile.codegen.cpp_ops_nn import reads_leading
+
+    graph, plan = emitter.graph, emitter.plan
+    index = {node.name: i for i, node in enumerate(graph.nodes)}
+    buffer_of = {v: b for b in plan.buffers if b.get("kind") == "value" for v in b["values"]}
+    products = products_read_in_place(emitter)
+    found = {}
+    if _storage_untouched(emitter) is None:      # the plan's steps do not follow the graph's order
+        _SUM_FOLDS[emitter] = found
+        return found
+
+    def storage_free(name: str, first: int, last: int) -> bool:
+        kind = plan.storage[name][0]
+        if kind == "output":
+            return True
+        buffer = buffer_of.get(name)
+        if kind != "arena" or buffer is None or buffer["start"] != last:
+            return False
+        lo, hi = buffer["offset"], buffer["offset"] + buffer["size"]
+        if any(v != name and plan.lifetimes.get(v, (last + 1, 0))[0] <= last for v in buffer["values"]):
+            return False
+        return not any(other is not buffer and other["offset"] < hi and lo < other["offset"] + other["size"]
+                       and other["start"] <= last and other["end"] > first for other in plan.buffers)
+
+    for node in graph.nodes:
+        if node.op not in ("sum", "mean") or node.inputs[0] in products or not reads_leading(graph, node):
+            continue
+        source = node.inputs[0]
+        while source in index and graph.nodes[index[source]].op in VIEW_OPS:
+            source = graph.nodes[index[source]].inputs[0]
+        producer = graph.nodes[index[source]] if source in index else None
+        if (producer is None or producer.op != "fused" or producer.type.dtype != "f32"
+                or producer.type.numel != graph.type_of(node.inputs[0]).numel):
+            continue
+        if storage_free(node.name, index[producer.name], index[node.name]):
+            found[node.name] = producer.name
+    _SUM_FOLDS[emitter] = found
+    return found
+
+
 def emit_fused(ctx: CppContext, node: Node) -> str:
+    """The fused node's code, then the column sums of any reduction folded into it
+    (``sums_computed_by_producer``)."""
+    from nncompile.codegen.cpp_ops_nn import leading_sum_code
+
+    code = [_emit_fused_body(ctx, node)]
+    for reduction, producer in sums_computed_by_producer(ctx.emitter).items():
+        if producer == node.name:
+            code.append(f"// {reduction}: column sums while the output is in cache")
+            code.append(leading_sum_code(ctx.emitter.graph.node(reduction), ctx.emitter.graph, ctx.out,
+                                         ctx.ptr(reduction)))
+    return "\n".join(code)
+
+
+def _emit_fused_body(ctx: CppContext, node: Node) -> str:
     body = steps(node.attrs["body"])
     externals = list(node.inputs)
     head_op = body[0][0]

@@ -12,7 +12,7 @@ import math
 from nncompile.codegen import cpp_ops_grad
 from nncompile.codegen.cpp import CppContext, ctype
 from nncompile.codegen.cpp_loops import PARALLEL_MIN, contiguous_strides
-from nncompile.codegen.cpp_ops import epilogue_decl, f, products_read_in_place
+from nncompile.codegen.cpp_ops import epilogue_decl, f, products_read_in_place, sums_computed_by_producer
 from nncompile.errors import BuildError
 from nncompile.ir.graph import Node
 from nncompile.ops.base import normalize_axis, set_rule
@@ -262,8 +262,26 @@ def reads_product(graph, node: Node) -> bool:
     return _reduce_path(node.op, x.shape, _reduce_axes(node, x.rank)) in ("leading", "partials")
 
 
+def reads_leading(graph, node: Node) -> bool:
+    """Whether this f32 sum / mean runs the leading-axes loop (column sums of a [rows, cols] view)."""
+    x = graph.type_of(node.inputs[0])
+    return (node.op in ("sum", "mean") and x.dtype == "f32"
+            and _reduce_path(node.op, x.shape, _reduce_axes(node, x.rank)) == "leading")
+
+
+def leading_sum_code(node: Node, graph, source: str, out: str) -> str:
+    """The leading-axes loop of reduction ``node`` reading its input from pointer ``source``."""
+    x = graph.type_of(node.inputs[0])
+    axes = _reduce_axes(node, x.rank)
+    rows = math.prod(x.shape[d] for d in axes)
+    return _reduce_leading(node, rows, x.numel // rows, lambda base, k: f"{source}[{base} + {k}]", out)
+
+
 def emit_reduce(ctx: CppContext, node: Node) -> str:
     _f32(ctx, node, node.inputs)
+    producer = sums_computed_by_producer(ctx.emitter).get(node.name)
+    if producer is not None:
+        return f"// computed by its producer {producer}"
     x = ctx.type(node.inputs[0])
     axes = _reduce_axes(node, x.rank)
     kept = [d for d in range(x.rank) if d not in axes]

@@ -63,6 +63,18 @@ def product_reductions(b, x, g):
     return found
 
 
+def producer_sums(b, x, g, w):
+    """Bias-gradient-like sums over the leading axes of fused nodes' outputs (folded into the producer
+    when its output is free to write early): an elementwise chain's and a GEMM-headed chain's, and a
+    mean of a reshaped chain output."""
+    lead = {"axes": (0,), "keepdim": False}
+    chain = b.op("mul", [b.op("gelu", [x]), g])
+    gemm_chain = b.op("mul", [b.op("gelu", [b.op("linear", [x, w])]), g])
+    cols = b.type_of(x).shape[-1]
+    flat = b.op("reshape", [b.op("tanh", [b.op("add", [x, g])])], {"shape": (-1, cols)})
+    return [b.op("sum", [chain], lead), b.op("sum", [gemm_chain], lead), gemm_chain, b.op("mean", [flat], lead)]
+
+
 def kernel_graph(reduce_shapes, classes, elementwise_sizes, norm_shapes=(), head_shapes=()):
     """One graph: a leading-axes sum and mean per shape in ``reduce_shapes``, cross-entropy (mean) and
     its gradient (sum) for [7, C] logits per C in ``classes``, GELU forward and derivative per size,
@@ -80,7 +92,9 @@ def kernel_graph(reduce_shapes, classes, elementwise_sizes, norm_shapes=(), head
         bias = b.input(f"ln{i}_b", T(shape[-1:]))
         outputs.append(b.op("layer_norm", [x, w, bias], {"normalized_ndim": 1}))
         outputs.append(b.op("layer_norm", [x], {"normalized_ndim": 1}))
-        outputs += product_reductions(b, x, b.input(f"ln{i}_g", T(shape)))
+        g = b.input(f"ln{i}_g", T(shape))
+        outputs += product_reductions(b, x, g)
+        outputs += producer_sums(b, x, g, b.input(f"ln{i}_wsq", T((shape[-1], shape[-1]))))
     for i, shape in enumerate(reduce_shapes):
         x = b.input(f"red{i}_x", T(shape))
         lead = tuple(range(len(shape) - 1)) if len(shape) > 2 else (0,)
@@ -190,3 +204,11 @@ def test_products_folded_into_reductions(kernels):
     expected = sum((shape[-1] >= 32) + (math.prod(shape[1:]) > 1) for shape in NORM_SHAPES)
     assert expected == 8
     assert source.count("// no product:") == expected
+
+
+def test_sums_folded_into_producers(kernels):
+    """Every producer_sums reduction with more than one output column is computed by its fused
+    producer; the rest run their own loop."""
+    graph, model = kernels
+    source = (Path(model.module_path).parent / "kernels.cpp").read_text()
+    assert source.count("// computed by its producer") == 3 * sum(shape[-1] > 1 for shape in NORM_SHAPES)
