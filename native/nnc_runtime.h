@@ -3,6 +3,7 @@
 // Contents (all in namespace nnc, header-only):
 //   nnc_threads.h    set_threads / get_threads / usable_threads, split_range, per-thread scratch
 //   nnc_math.h       AVX2 exp / log / tanh / erf / sigmoid / gelu, activation codes ACT_*
+//   nnc_math512.h    AVX-512F twins of the expensive ones, used by chains only when the CPU has it
 //   nnc_vec.h        elementwise maps, softmax / log-softmax rows, layer norm, batch norm, reductions
 //   nnc_gemm.h       sgemm / sgemm_batched with fused epilogue (nnc_gemm_kernels.h: packing, kernels)
 //   nnc_conv.h       conv2d (im2col + GEMM), col2im and conv backward, max / avg / global pooling
