@@ -117,12 +117,15 @@ def _compile(cxx: str, flags: list[str], src: Path, obj: Path) -> subprocess.Com
 
 
 def _binding_object(source: GeneratedSource, options: BuildOptions, root: Path) -> Path:
-    """The pybind11 binding is the same for every model: compile it once per toolchain and cache it."""
+    """The pybind11 binding is the same for every model: compile it once per toolchain and native/
+    headers (it inlines the optimizer sweeps of nnc_optim.h: an object kept across a header change would
+    keep the old code) and cache it."""
     import pybind11
 
     digest = hashlib.sha256()
     for part in (source.binding, " ".join(options.compile_flags()), compiler_version(options.cxx),
-                 resolved_isa(options.cxx, options.march), sys.implementation.cache_tag, pybind11.__version__):
+                 resolved_isa(options.cxx, options.march), native_digest(), sys.implementation.cache_tag,
+                 pybind11.__version__):
         digest.update(part.encode())
         digest.update(b"\0")
     obj = root / f"binding-{digest.hexdigest()[:24]}.o"

@@ -122,6 +122,31 @@ def test_cache_hit_is_fast(compiled):
     assert time.perf_counter() - start < 5.0   # generous bound for a loaded CI machine; typically ~0.05 s
 
 
+def test_binding_object_follows_the_native_headers(monkeypatch, tmp_path):
+    """The shared pybind11 binding inlines native code (the optimizer sweeps): a change to native/*.h
+    must give it a new cache entry, not reuse the object compiled against the old headers."""
+    from types import SimpleNamespace
+
+    from nncompile.codegen import build
+
+    compiled_count = []
+
+    def fake_compile(cxx, flags, src, obj):
+        compiled_count.append(obj)
+        obj.write_bytes(b"")
+        return subprocess.CompletedProcess([cxx], 0, "", "")
+
+    monkeypatch.setattr(build, "_compile", fake_compile)
+    source = SimpleNamespace(binding="// the binding")
+    options = build.BuildOptions()
+    monkeypatch.setattr(build, "native_digest", lambda: "headers v1")
+    first = build._binding_object(source, options, tmp_path)
+    assert build._binding_object(source, options, tmp_path) == first and len(compiled_count) == 1
+    monkeypatch.setattr(build, "native_digest", lambda: "headers v2")
+    second = build._binding_object(source, options, tmp_path)
+    assert second != first and len(compiled_count) == 2
+
+
 def test_index_errors_from_kernels_are_value_errors():
     b = GraphBuilder("emb")
     ids = b.input("ids", TensorType((3,), "i64"))
