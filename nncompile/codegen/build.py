@@ -85,11 +85,16 @@ class BuildOptions:
                 *self.extra_flags]
 
 
+# Bumped when what a cache entry holds changes meaning: 2 = modules linked with a binding object keyed by
+# the native headers (format 1 modules may hold a binding compiled against older headers).
+CACHE_FORMAT = "2"
+
+
 def cache_key(source: GeneratedSource, options: BuildOptions) -> str:
     import pybind11
 
     digest = hashlib.sha256()
-    for part in (source.kernels, source.binding, source.module_name, " ".join(options.compile_flags()),
+    for part in (CACHE_FORMAT, source.kernels, source.binding, source.module_name, " ".join(options.compile_flags()),
                  compiler_version(options.cxx), resolved_isa(options.cxx, options.march), native_digest(),
                  sys.implementation.cache_tag, sysconfig.get_config_var("EXT_SUFFIX") or "", pybind11.__version__):
         digest.update(part.encode())
