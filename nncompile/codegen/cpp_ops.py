@@ -343,13 +343,13 @@ def _storage_untouched(emitter):
     return untouched
 
 
-def transposes_read_in_place(emitter) -> dict[str, str]:
-    """2-D transposes whose every reader is a 2-D ``matmul`` that can read the transpose's source in place
-    (``nnc::sgemm`` with the operand's transposed flag): transpose name -> source name. Those transposes
-    emit no copy. A fold needs the source's storage untouched from the transpose up to each reader (no
-    value written into its buffer, and no other arena buffer over its bytes once it is dead), since the
-    reader now reads the source later than the transpose did."""
-    found = _FOLDS.get(emitter)
+def _scan_folds(emitter, cache, fold) -> dict:
+    """Nodes the emitter folds into their readers, cached per emitter: ``fold(node, readers, untouched)``
+    returns what to record for ``node`` (not a graph output, with at least one reader) or None, where
+    ``untouched(name, reader)`` tells whether ``name``'s storage holds its value from ``node``'s step up
+    to ``reader``'s (see _storage_untouched). Nothing folds when the plan's steps do not follow the
+    graph's order."""
+    found = cache.get(emitter)
     if found is not None:
         return found
     graph = emitter.graph
@@ -359,17 +359,33 @@ def transposes_read_in_place(emitter) -> dict[str, str]:
     untouched = _storage_untouched(emitter)
     found = {}
     for node in graph.nodes if untouched is not None else ():
-        if node.op != "transpose" or node.type.rank != 2 or node.name in outputs:
-            continue
-        source = node.inputs[0]
         readers = [graph.node(u) for u in users.get(node.name, [])]
-        if not readers or not all(r.op == "matmul" and len(r.inputs) == 2 and
-                                  all(graph.type_of(a).rank == 2 for a in r.inputs) and
-                                  untouched(source, index[node.name], index[r.name]) for r in readers):
+        if node.name in outputs or not readers:
             continue
-        found[node.name] = source
-    _FOLDS[emitter] = found
+        value = fold(node, readers, lambda name, reader: untouched(name, index[node.name], index[reader.name]))
+        if value is not None:
+            found[node.name] = value
+    cache[emitter] = found
     return found
+
+
+def transposes_read_in_place(emitter) -> dict[str, str]:
+    """2-D transposes whose every reader is a 2-D ``matmul`` that can read the transpose's source in place
+    (``nnc::sgemm`` with the operand's transposed flag): transpose name -> source name. Those transposes
+    emit no copy. A fold needs the source's storage untouched from the transpose up to each reader (no
+    value written into its buffer, and no other arena buffer over its bytes once it is dead), since the
+    reader now reads the source later than the transpose did."""
+    graph = emitter.graph
+
+    def fold(node, readers, untouched):
+        if node.op != "transpose" or node.type.rank != 2:
+            return None
+        source = node.inputs[0]
+        ok = all(r.op == "matmul" and len(r.inputs) == 2 and all(graph.type_of(a).rank == 2 for a in r.inputs)
+                 and untouched(source, r) for r in readers)
+        return source if ok else None
+
+    return _scan_folds(emitter, _FOLDS, fold)
 
 
 def products_read_in_place(emitter) -> dict[str, tuple[str, str]]:
@@ -378,27 +394,18 @@ def products_read_in_place(emitter) -> dict[str, tuple[str, str]]:
     ``mean(g * xhat)``): mul name -> its two operands. Those muls emit nothing, which saves writing the
     product and reading it back; the reader forms the same float product, so results are unchanged. A
     fold needs both operands' storage untouched from the mul up to each reader."""
-    found = _PRODUCT_FOLDS.get(emitter)
-    if found is not None:
-        return found
     from nncompile.codegen.cpp_ops_nn import reads_product
 
     graph = emitter.graph
-    index = {node.name: i for i, node in enumerate(graph.nodes)}
-    users = graph.users()
-    outputs = set(graph.outputs)
-    untouched = _storage_untouched(emitter)
-    found = {}
-    for node in graph.nodes if untouched is not None else ():
-        if (node.op != "mul" or node.name in outputs or node.type.dtype != "f32"
+
+    def fold(node, readers, untouched):
+        if (node.op != "mul" or node.type.dtype != "f32"
                 or any(graph.type_of(a) != node.type for a in node.inputs)):
-            continue
-        readers = [graph.node(u) for u in users.get(node.name, [])]
-        if readers and all(reads_product(graph, r) and
-                           all(untouched(a, index[node.name], index[r.name]) for a in node.inputs) for r in readers):
-            found[node.name] = (node.inputs[0], node.inputs[1])
-    _PRODUCT_FOLDS[emitter] = found
-    return found
+            return None
+        ok = all(reads_product(graph, r) and all(untouched(a, r) for a in node.inputs) for r in readers)
+        return (node.inputs[0], node.inputs[1]) if ok else None
+
+    return _scan_folds(emitter, _PRODUCT_FOLDS, fold)
 
 
 def gemm_call(ctx: CppContext, op: str, args: list[str], attrs: dict, out_ptr: str, epi: str) -> list[str]:
