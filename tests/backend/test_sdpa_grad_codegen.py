@@ -1,17 +1,12 @@
 """The fused attention kernels (nnc::attention, nnc::attention_backward) in generated C++: sdpa and
-sdpa_grad == the NumPy interpreter over shapes that cross the kernels' row blocks, and a GPT trained
-through the compiled step == torch (eager autograd, AdamW)."""
+sdpa_grad == the NumPy interpreter over shapes that cross the kernels' row blocks (a GPT trained through
+them == torch: tests/backend/test_training.py)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
-
 import nncompile as nnc
 from nncompile.driver import compile_graph
 from nncompile.ir import GraphBuilder, TensorType, run
@@ -77,29 +72,3 @@ def test_no_attention_matrix_in_the_training_step():
     ops = [node.op for node in tg.graph.nodes]
     assert ops.count("sdpa_grad") == 2 and "sdpa_probs" not in ops
     assert not [node.name for node in tg.graph.nodes if node.type.shape[-2:] == (128, 128)]
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_gpt_trains_like_torch():
-    """Causal attention over 70 tokens (three 32-row blocks, the last ragged) trained with AdamW."""
-    training = _load("nnc_test_training", Path(__file__).parent / "test_training.py")
-    sys.path.insert(0, str(EXAMPLES))
-    from torch_models import Gpt
-
-    dims = {"B": 2, "T": 70, "d": 32, "heads": 2, "layers": 1, "vocab": 64}
-    graph = nnc.parse(EXAMPLES / "gpt.nn", set=dims)
-    module = Gpt(dims["vocab"], dims["T"], dims["d"], dims["heads"], dims["layers"])
-    rng = np.random.default_rng(2)
-    data = [(rng.integers(0, 64, (2, 70)), rng.integers(0, 64, (2, 70))) for _ in range(3)]
-    positions = np.arange(70)
-    batches = lambda step: ((data[step % 3][0], positions), data[step % 3][1])  # noqa: E731
-    loss_fn = lambda logits, targets: F.cross_entropy(logits.reshape(-1, 64), targets.reshape(-1))  # noqa: E731
-    torch.manual_seed(0)
-    model, ours, theirs = training.train_both(graph, module, batches, loss_fn, steps=30)
-    training.assert_same_training(model, module, ours, theirs)
