@@ -50,15 +50,14 @@ def check_plan(graph, plan, alignment=64):
             raise PlanError(f"{node.name}: [{lo}, {hi}) misaligned or outside the arena {plan.arena_bytes}")
         values.append((node.name, lo, hi, step[node.name], last[node.name]))
 
-    def same_data(a, b):      # b reads a through views only
-        node = graph.node(b)
-        while node.op in VIEW_OPS:
-            if node.inputs[0] == a:
-                return True
-            if node.inputs[0] not in step:
-                return False
+    def base(name):           # the value whose data ``name`` shows through views only
+        node = graph.node(name)
+        while node.op in VIEW_OPS and node.inputs[0] in step:
             node = graph.node(node.inputs[0])
-        return False
+        return node.name
+
+    def same_data(a, b):      # one reads the other through views, or both are views of one value
+        return base(a) == base(b)
 
     def in_place(a, b, a_last, b_first, lo, hi, a_lo, a_hi):
         node = graph.node(b)
@@ -72,7 +71,7 @@ def check_plan(graph, plan, alignment=64):
         for b, blo, bhi, bfirst, blast in values[i + 1:]:
             if not (alo < bhi and blo < ahi and afirst <= blast and bfirst <= alast):
                 continue
-            if same_data(a, b) or same_data(b, a):
+            if same_data(a, b):
                 continue
             if in_place(a, b, alast, bfirst, blo, bhi, alo, ahi) or in_place(b, a, blast, afirst, alo, ahi, blo, bhi):
                 continue
