@@ -505,36 +505,6 @@ def emit_slice_scatter(ctx: CppContext, node: Node) -> str:
     return "\n".join(lines)
 
 
-def emit_sdpa_probs(ctx: CppContext, node: Node) -> str:
-    _f32(ctx, node, node.inputs)
-    q, k = (ctx.type(n) for n in node.inputs)
-    length, d, s = q.shape[-2], q.shape[-1], k.shape[-2]
-    batch = node.type.numel // (length * s)
-    if k.numel // (s * d) != batch or q.numel // (length * d) != batch:
-        raise BuildError("sdpa_probs: the C++ backend needs q and k with the same batch dimensions", node.loc)
-    scale = node.attrs["scale"] if node.attrs["scale"] is not None else 1.0 / math.sqrt(d)
-    causal = node.attrs["causal"]
-    return "\n".join([
-        "nnc::Epilogue e_;",
-        f"e_.alpha = {f(scale)};",
-        f"for (int64_t b_ = 0; b_ < {batch}; ++b_)",
-        f"  nnc::sgemm(false, true, {length}, {s}, {d}, {ctx.ptr(node.inputs[0])} + b_ * {length * d}, {d}, "
-        f"{ctx.ptr(node.inputs[1])} + b_ * {s * d}, {d}, {ctx.out} + b_ * {length * s}, {s}, 0.0f, e_);",
-        _omp(batch * length * s),
-        f"for (int64_t r_ = 0; r_ < {batch * length}; ++r_) {{",
-        f"  float* row_ = {ctx.out} + r_ * {s};",
-        f"  const int64_t i_ = r_ % {length};",
-        f"  const int64_t valid_ = {'std::min<int64_t>(i_ + 1, ' + str(s) + ')' if causal else str(s)};",
-        "  float m_ = -INFINITY;",
-        "  for (int64_t j_ = 0; j_ < valid_; ++j_) m_ = std::max(m_, row_[j_]);",
-        "  float sum_ = 0.0f;",
-        "  for (int64_t j_ = 0; j_ < valid_; ++j_) { row_[j_] = nnc::exp_scalar(row_[j_] - m_); sum_ += row_[j_]; }",
-        "  const float inv_ = 1.0f / sum_;",
-        "  for (int64_t j_ = 0; j_ < valid_; ++j_) row_[j_] *= inv_;",
-        f"  for (int64_t j_ = valid_; j_ < {s}; ++j_) row_[j_] = 0.0f;",
-        "}"])
-
-
 def workspace_bytes(graph, node: Node) -> int:
     """Scratch bytes a node's C++ kernel needs (0 for most)."""
     if (found := cpp_ops_grad.workspace_bytes(graph, node)) is not None:
@@ -570,5 +540,4 @@ def register() -> None:
     set_rule("cross_entropy_grad", "emit_cpp", emit_cross_entropy_grad)
     set_rule("embedding_grad", "emit_cpp", emit_embedding_grad)
     set_rule("slice_scatter", "emit_cpp", emit_slice_scatter)
-    set_rule("sdpa_probs", "emit_cpp", emit_sdpa_probs)
     set_rule("sdpa_grad", "emit_cpp", emit_sdpa_grad)

@@ -362,12 +362,13 @@ def emit_embedding_grad(ctx: CudaContext, node: Node) -> str:
 # attention ----------------------------------------------------------------------------------------
 
 
-def _attention_rows(ctx: CudaContext, node: Node, write_probs: bool) -> str:
+def _attention_rows(ctx: CudaContext, node: Node) -> str:
+    """sdpa: one block per query row, its scores in shared memory, the softmax, then the row of P V."""
     q, k = ctx.type(node.inputs[0]), ctx.type(node.inputs[1])
     length, d, s = q.shape[-2], q.shape[-1], k.shape[-2]
     batch = q.numel // (length * d)
-    dv = ctx.type(node.inputs[2]).shape[-1] if not write_probs else 0
-    if k.numel // (s * d) != batch or (not write_probs and ctx.type(node.inputs[2]).numel // (s * dv) != batch):
+    dv = ctx.type(node.inputs[2]).shape[-1]
+    if k.numel // (s * d) != batch or ctx.type(node.inputs[2]).numel // (s * dv) != batch:
         raise BuildError(f"{node.op}: the CUDA backend needs q, k and v with the same batch dimensions", node.loc)
     shared = 4 * (s + d)
     if shared > SDPA_MAX_SHARED:
@@ -399,32 +400,22 @@ def _attention_rows(ctx: CudaContext, node: Node, write_probs: bool) -> str:
         "for (long long j_ = threadIdx.x; j_ < valid_; j_ += blockDim.x) { const float e_ = expf(sc_[j_] - m_); sc_[j_] = e_; s_ += e_; }",
         "const float inv_ = 1.0f / nnc::cuda::block_sum(s_);",
         "__syncthreads();"]
-    if write_probs:
-        lines += [f"float* prow_ = {ctx.out} + r_ * {s};",
-                  f"for (long long j_ = threadIdx.x; j_ < {s}; j_ += blockDim.x) prow_[j_] = j_ < valid_ ? sc_[j_] * inv_ : 0.0f;",
-                  "__syncthreads();"]
-    else:
-        vp = ctx.ptr(node.inputs[2])
-        lines += [f"const float* vb_ = {vp} + b_ * {s * dv};",
-                  f"float* orow_ = {ctx.out} + r_ * {dv};",
-                  f"for (int t_ = threadIdx.x; t_ < {dv}; t_ += blockDim.x) {{",
-                  "    float acc_ = 0.0f;",
-                  f"    for (long long j_ = 0; j_ < valid_; ++j_) acc_ = fmaf(sc_[j_], vb_[j_ * {dv} + t_], acc_);",
-                  "    orow_[t_] = acc_ * inv_;",
-                  "}",
-                  "__syncthreads();"]
+    vp = ctx.ptr(node.inputs[2])
+    lines += [f"const float* vb_ = {vp} + b_ * {s * dv};",
+              f"float* orow_ = {ctx.out} + r_ * {dv};",
+              f"for (int t_ = threadIdx.x; t_ < {dv}; t_ += blockDim.x) {{",
+              "    float acc_ = 0.0f;",
+              f"    for (long long j_ = 0; j_ < valid_; ++j_) acc_ = fmaf(sc_[j_], vb_[j_ * {dv} + t_], acc_);",
+              "    orow_[t_] = acc_ * inv_;",
+              "}",
+              "__syncthreads();"]
     rows = batch * length
     return ctx.kernel(_rows_loop(rows, lines), [node.name, *node.inputs], _row_grid(rows), 128, shared=shared)
 
 
 def emit_sdpa(ctx: CudaContext, node: Node) -> str:
     _require_f32(ctx, node.op, node.inputs)
-    return _attention_rows(ctx, node, write_probs=False)
-
-
-def emit_sdpa_probs(ctx: CudaContext, node: Node) -> str:
-    _require_f32(ctx, node.op, node.inputs)
-    return _attention_rows(ctx, node, write_probs=True)
+    return _attention_rows(ctx, node)
 
 
 def emit_sdpa_grad(ctx: CudaContext, node: Node) -> str:
@@ -526,7 +517,6 @@ def register() -> None:
     set_rule("cross_entropy_grad", "emit_cuda", emit_cross_entropy_grad)
     set_rule("embedding_grad", "emit_cuda", emit_embedding_grad)
     set_rule("sdpa", "emit_cuda", emit_sdpa)
-    set_rule("sdpa_probs", "emit_cuda", emit_sdpa_probs)
     set_rule("sdpa_grad", "emit_cuda", emit_sdpa_grad)
 
 

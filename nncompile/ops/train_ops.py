@@ -118,15 +118,8 @@ defop("slice_scatter", inputs=("grad",), attrs={"shape": REQUIRED, "axis": REQUI
       doc="zeros of `shape` with grad written at [..., start:end:step, ...] (the gradient of slice)")
 
 
-def _probs_infer(q, k, causal, scale):
-    require_float("sdpa_probs", q, k)
-    if q.shape[-1] != k.shape[-1] or q.rank < 2 or k.rank < 2:
-        raise ShapeError(f"sdpa_probs: q {q} and k {k} do not fit")
-    batch = broadcast_shapes("sdpa_probs", q.shape[:-2], k.shape[:-2])
-    return TensorType(batch + (q.shape[-2], k.shape[-2]), q.dtype)
-
-
-def _probs_ref(q, k, causal, scale):
+def _attention_probs(q, k, causal, scale):
+    """softmax(q k^T * scale [+ causal mask]): the probabilities sdpa_grad's reference recomputes."""
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = np.matmul(q, np.swapaxes(k, -1, -2)) * s
     if causal:
@@ -134,11 +127,6 @@ def _probs_ref(q, k, causal, scale):
     scores = scores - scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
     return (p / p.sum(axis=-1, keepdims=True)).astype(q.dtype)
-
-
-defop("sdpa_probs", inputs=("q", "k"), attrs={"causal": False, "scale": None}, infer=_probs_infer, ref=_probs_ref,
-      cost=lambda out, q, k, **a: Cost(2 * out.numel * q.shape[-1] + 5 * out.numel, q.nbytes + k.nbytes, out.nbytes),
-      family="attention", doc="the attention weights softmax(q k^T * scale [+ causal mask]) (used by the sdpa gradient)")
 
 
 def _sdpa_grad_parts(q, k, v):
@@ -163,7 +151,7 @@ def _sdpa_grad_ref(q, k, v, grad, causal, scale):
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     dq_shape, dk_shape, dv_shape = _sdpa_grad_parts(q, k, v)
     q, k, v = np.broadcast_to(q, dq_shape), np.broadcast_to(k, dk_shape), np.broadcast_to(v, dv_shape)
-    p = _probs_ref(q, k, causal, scale)
+    p = _attention_probs(q, k, causal, scale)
     dv = np.matmul(np.swapaxes(p, -1, -2), grad)
     dp = np.matmul(grad, np.swapaxes(v, -1, -2))
     ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * s

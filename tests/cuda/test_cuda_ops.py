@@ -181,7 +181,7 @@ def test_backward_ops_match_interpreter():
 
 
 def test_gpt_gradients_match_interpreter():
-    """embedding, layer norm, attention (sdpa_probs), cross-entropy gradients."""
+    """embedding, layer norm, attention (sdpa_grad), cross-entropy gradients."""
     import nncompile as nnc
 
     dims = {"B": 2, "T": 16, "d": 64, "heads": 4, "layers": 1, "vocab": 5}
