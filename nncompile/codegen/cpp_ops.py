@@ -303,18 +303,31 @@ _FOLDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _PRODUCT_FOLDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _steps_follow_graph(emitter) -> bool:
+    """Whether the memory plan's steps are the graph's node order (the folds below reason in steps)."""
+    lifetimes = emitter.plan.lifetimes
+    return all(lifetimes[node.name][0] == i for i, node in enumerate(emitter.graph.nodes) if node.name in lifetimes)
+
+
+def _others_over(plan, buffer: dict, after: int, upto: int) -> bool:
+    """Whether another arena buffer over ``buffer``'s bytes is live at some step in (after, upto]."""
+    lo, hi = buffer["offset"], buffer["offset"] + buffer["size"]
+    return any(other is not buffer and other["offset"] < hi and lo < other["offset"] + other["size"]
+               and other["start"] <= upto and other["end"] > after for other in plan.buffers)
+
+
 def _storage_untouched(emitter):
     """``untouched(source, from_step, reader_step)``: whether ``source``'s storage holds its value
     unchanged from step ``from_step`` up to step ``reader_step`` (no value written into its buffer, and
     no other arena buffer over its bytes once it is dead), so a node at ``reader_step`` may read it in
     place of a copy or product made at ``from_step``; None when the plan's steps do not follow the
     graph's order."""
+    if not _steps_follow_graph(emitter):
+        return None
     graph, plan = emitter.graph, emitter.plan
     index = {node.name: i for i, node in enumerate(graph.nodes)}
     outputs = set(graph.outputs)
     buffer_of = {v: b for b in plan.buffers if b.get("kind") == "value" for v in b["values"]}
-    if not all(plan.lifetimes.get(n, (i,))[0] == i for n, i in index.items() if n in plan.lifetimes):
-        return None
 
     def untouched(source: str, from_step: int, reader_step: int) -> bool:
         kind = plan.storage[source][0]
@@ -334,9 +347,7 @@ def _storage_untouched(emitter):
         if buffer["end"] <= reader_step:
             # the source died at or after from_step: no arena buffer overlapping it may be live between
             # its end and the reader
-            lo, hi = buffer["offset"], buffer["offset"] + buffer["size"]
-            if any(other is not buffer and other["offset"] < hi and lo < other["offset"] + other["size"]
-                   and other["start"] <= reader_step and other["end"] > buffer["end"] for other in plan.buffers):
+            if _others_over(plan, buffer, buffer["end"], reader_step):
                 return False
         return not any(from_step < index.get(v, -1) <= reader_step for v in buffer["values"] if v != base)
 
@@ -487,7 +498,7 @@ def sums_computed_by_producer(emitter) -> dict[str, str]:
     buffer_of = {v: b for b in plan.buffers if b.get("kind") == "value" for v in b["values"]}
     products = products_read_in_place(emitter)
     found = {}
-    if _storage_untouched(emitter) is None:      # the plan's steps do not follow the graph's order
+    if not _steps_follow_graph(emitter):
         _SUM_FOLDS[emitter] = found
         return found
 
@@ -498,11 +509,9 @@ def sums_computed_by_producer(emitter) -> dict[str, str]:
         buffer = buffer_of.get(name)
         if kind != "arena" or buffer is None or buffer["start"] != last:
             return False
-        lo, hi = buffer["offset"], buffer["offset"] + buffer["size"]
         if any(v != name and plan.lifetimes.get(v, (last + 1, 0))[0] <= last for v in buffer["values"]):
             return False
-        return not any(other is not buffer and other["offset"] < hi and lo < other["offset"] + other["size"]
-                       and other["start"] <= last and other["end"] > first for other in plan.buffers)
+        return not _others_over(plan, buffer, first, last)
 
     for node in graph.nodes:
         if node.op not in ("sum", "mean") or node.inputs[0] in products or not reads_leading(graph, node):

@@ -253,20 +253,23 @@ def _reduce_path(op: str, shape: tuple[int, ...], axes: tuple[int, ...]) -> str:
     return "generic"
 
 
+def _f32_sum_path(graph, node: Node) -> str | None:
+    """The ``_reduce_path`` of an f32 sum / mean node, else None."""
+    x = graph.type_of(node.inputs[0])
+    if node.op not in ("sum", "mean") or x.dtype != "f32":
+        return None
+    return _reduce_path(node.op, x.shape, _reduce_axes(node, x.rank))
+
+
 def reads_product(graph, node: Node) -> bool:
     """Whether this reduction can read ``a * b`` from the two factors of a ``mul`` it reads (see
     ``cpp_ops.products_read_in_place``): an f32 sum / mean whose loop reads each element once."""
-    if node.op not in ("sum", "mean") or graph.type_of(node.inputs[0]).dtype != "f32":
-        return False
-    x = graph.type_of(node.inputs[0])
-    return _reduce_path(node.op, x.shape, _reduce_axes(node, x.rank)) in ("leading", "partials")
+    return _f32_sum_path(graph, node) in ("leading", "partials")
 
 
 def reads_leading(graph, node: Node) -> bool:
     """Whether this f32 sum / mean runs the leading-axes loop (column sums of a [rows, cols] view)."""
-    x = graph.type_of(node.inputs[0])
-    return (node.op in ("sum", "mean") and x.dtype == "f32"
-            and _reduce_path(node.op, x.shape, _reduce_axes(node, x.rank)) == "leading")
+    return _f32_sum_path(graph, node) == "leading"
 
 
 def leading_sum_code(node: Node, graph, source: str, out: str) -> str:
