@@ -24,10 +24,10 @@ def pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
 def conv_out(size: int, kernel: int, stride: int, pad: int, dilation: int, ceil_mode: bool = False) -> int:
     span = dilation * (kernel - 1) + 1
     numer = size + 2 * pad - span
-    if numer < 0:
-        return 0
-    out = (-(-numer // stride) if ceil_mode else numer // stride) + 1
-    if ceil_mode and (out - 1) * stride >= size + pad:
+    # floor division as torch's div_rtn: with ceil_mode a window a little wider than the padded input
+    # still gives one output (numer in (-stride, 0)); a result below 1 is the caller's error
+    out = max(0, (numer + (stride - 1 if ceil_mode else 0)) // stride + 1)
+    if ceil_mode and out > 0 and (out - 1) * stride >= size + pad:
         out -= 1          # the last window must start inside the input or its left padding (torch rule)
     return out
 

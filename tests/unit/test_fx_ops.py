@@ -193,6 +193,33 @@ def test_expected_ops_appear():
     assert np.array_equal(graph.weights[wheres[0].inputs[0]], ~np.tril(np.ones((6, 6), dtype=bool)))
 
 
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(3, ceil_mode=True), nn.AvgPool2d(3, ceil_mode=True),
+                                  nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)])
+def test_ceil_mode_window_wider_than_the_input(pool):
+    """torch gives one output where a ceil-mode window is wider than the (padded) input (2 x 2 under 3 x 3)."""
+    inputs = (torch.randn(2, 3, 2, 2),)
+    graph = from_fx(pool, inputs)
+    check_against_torch(graph, pool, inputs)
+
+
+def test_pool_output_sizes_match_torch():
+    """conv_out (every pool's output size) == torch's max_pool2d over sizes, kernels, strides, padding,
+    dilation and ceil mode, including the sizes torch rejects (0 here)."""
+    import itertools
+
+    from nncompile.ops.conv import conv_out
+
+    for size, k, s, p, d, ceil in itertools.product(range(1, 8), range(1, 5), range(1, 4), range(3), range(1, 3),
+                                                    (False, True)):
+        if p > k // 2:
+            continue
+        try:
+            want = torch.nn.functional.max_pool2d(torch.zeros(1, 1, size, size), k, s, p, d, ceil_mode=ceil).shape[-1]
+        except RuntimeError:
+            want = 0
+        assert conv_out(size, k, s, p, d, ceil) == want, (size, k, s, p, d, ceil)
+
+
 @settings(max_examples=25)
 @given(data=st.data())
 def test_random_conv_pool_stacks(data):
